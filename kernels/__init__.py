@@ -1,0 +1,8 @@
+"""atom_lab.kernels: Triton kernels, each beside the PyTorch reference (`*_ref`) it must match.
+
+This folder sits at the top of the repository and is installed as the subpackage `atom_lab.kernels`.
+Import `atom_lab` first: it chooses between compiled Triton (CUDA GPU) and the CPU interpreter.
+"""
+from .pack import PACK_BLOCK, pack_int4, pack_int4_ref, unpack_int4, unpack_int4_ref
+
+__all__ = ["PACK_BLOCK", "pack_int4", "pack_int4_ref", "unpack_int4", "unpack_int4_ref"]
