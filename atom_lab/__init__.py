@@ -10,6 +10,28 @@ from atom_lab.models import MODELS, TINY_ARCHS, cache_dir, load_model, tiny_mode
 
 __version__ = "0.1.0"
 
+
+def _map_source_kernels() -> None:
+    """Make `atom_lab.kernels` importable from a plain source checkout (a Colab clone, a GPU box without
+    `pip install`): the installed package maps kernels/ there, a checkout on sys.path does not."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("atom_lab.kernels") is not None:
+        return
+    init = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if not init.exists():
+        raise ImportError(f"atom_lab.kernels not found (looked for {init}); reinstall with `pip install -e .`.")
+    spec = importlib.util.spec_from_file_location("atom_lab.kernels", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["atom_lab.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_map_source_kernels()
+
 __all__ = [
     "INTERPRET", "default_device", "environment",
     "CORPORA", "load_corpus",
