@@ -3,6 +3,10 @@
 This folder sits at the top of the repository and is installed as the subpackage `atom_lab.kernels`.
 Import `atom_lab` first: it chooses between compiled Triton (CUDA GPU) and the CPU interpreter.
 """
+from .formats import PackedAtom, check_atom_shape, dequantize_atom_ref, quantize_atom_ref
 from .pack import PACK_BLOCK, pack_int4, pack_int4_ref, unpack_int4, unpack_int4_ref
 
-__all__ = ["PACK_BLOCK", "pack_int4", "pack_int4_ref", "unpack_int4", "unpack_int4_ref"]
+__all__ = [
+    "PACK_BLOCK", "pack_int4", "pack_int4_ref", "unpack_int4", "unpack_int4_ref",
+    "PackedAtom", "check_atom_shape", "quantize_atom_ref", "dequantize_atom_ref",
+]

@@ -42,3 +42,29 @@ def test_pack_rejects_bad_input():
         pack_int4(torch.zeros(0, 64, dtype=torch.int8))
     with pytest.raises(TypeError, match="uint8"):
         unpack_int4(torch.zeros(2, 32, dtype=torch.int8))
+
+
+def test_packed_atom_reference_round_trip():
+    """Hand-sized row: 64 INT4 channels (one group of 64) + 2 INT8 keeper channels."""
+    from atom_lab.kernels import dequantize_atom_ref, quantize_atom_ref
+
+    x = torch.zeros(1, 66)
+    x[0, :64] = torch.arange(64) % 8 - 3.5 + 0.5   # -3..4 integers: scale = 4/7
+    x[0, 64:] = torch.tensor([254.0, -1.0])        # keeper scale = 2: q8 = [127, 0] (-0.5 rounds to even 0)
+    p = quantize_atom_ref(x, group_size=64, keeper=2)
+    assert (p.q4.shape, p.s4.shape, p.q8.shape, p.s8.shape) == ((1, 32), (1, 1), (1, 2), (1, 1))
+    assert p.q8.tolist() == [[127, 0]] and p.s8.item() == 2.0
+    assert p.in_features == 66 and p.nbytes() == 32 + 2 + 2 + 2
+    err = (dequantize_atom_ref(p)[0, :64] - x[0, :64]).abs().max().item()
+    assert err <= p.s4.float().item() / 2 + 1e-6
+
+
+def test_packed_atom_shape_errors():
+    from atom_lab.kernels import check_atom_shape
+
+    with pytest.raises(ValueError, match="group_size=48"):
+        check_atom_shape(576, 128, 48)
+    with pytest.raises(ValueError, match="keeper=600"):
+        check_atom_shape(576, 600, 64)
+    with pytest.raises(ValueError, match="multiple of group_size=128"):
+        check_atom_shape(576, 128, 128)
