@@ -106,10 +106,16 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32,
     spec = MODELS[name]
     local = cache_dir() / f"{name}-float32"
     marker = local / "ATOM_LAB_CACHE_FORMAT"
-    if not (marker.exists() and marker.read_text() == _CACHE_FORMAT):
-        _convert_gguf(spec, local)
-    model = transformers.AutoModelForCausalLM.from_pretrained(local, dtype=dtype, local_files_only=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a 1-second load needs no bar cluttering notebooks
+    try:
+        if not (marker.exists() and marker.read_text() == _CACHE_FORMAT):
+            _convert_gguf(spec, local)
+        model = transformers.AutoModelForCausalLM.from_pretrained(local, dtype=dtype, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     model.to(device or default_device()).eval()
     return model, tokenizer
 
