@@ -14,6 +14,8 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_ARGS ?= --extra-index-url https://download.pytorch.org/whl/cpu
 endif
 LAB_PORT ?= 8888
+# Jupyter refuses to run as root (containers, Colab-like VMs) unless told; only then pass the flag.
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 NBVAL_ARGS ?= --nbval-lax --nbval-cell-timeout=600
 
 .PHONY: lab test install-lab install-dev unit nbval bench clean
@@ -41,7 +43,7 @@ install-dev: $(VENV)/.dev
 
 lab: $(VENV)/.lab
 	@echo "Starting JupyterLab on notebooks/ (headless: open the URL printed below)."
-	$(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --notebook-dir=notebooks $(LAB_ROOT)
 
 test: $(VENV)/.dev
 	$(PY) -m pytest tests
