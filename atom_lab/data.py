@@ -9,8 +9,10 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
+if TYPE_CHECKING:  # imported lazily: GPU images used only for kernels may lack `datasets`
+    import datasets
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,14 @@ def _corpus_file(spec: CorpusSpec) -> Path:
     return Path(list(found.submodule_search_locations)[0]) / spec.file
 
 
-def load_corpus(name: str = "wiki", test_fraction: float = 0.1, seed: int = 0) -> datasets.DatasetDict:
+def load_corpus(name: str = "wiki", test_fraction: float = 0.1, seed: int = 0) -> "datasets.DatasetDict":
     """Split a packaged corpus into disjoint "calibration" and "test" sets, the same way on every machine.
 
     Articles are sorted by title before a seeded split, so the split depends only on (name, test_fraction, seed),
     never on file or dict order. Each row is one article: {"title": str, "text": str}.
     """
+    import datasets
+
     if name not in CORPORA:
         raise ValueError(f"Unknown corpus name {name!r}. Available names: {', '.join(sorted(CORPORA))}.")
     if not 0.0 < test_fraction < 1.0:
