@@ -144,12 +144,17 @@ def _atom_quantize_kernel(
     # 1. the float32 values to quantize, in the original channel order
     if MODE == 1:  # RMSNorm: rstd in float64, rounded once (module docstring)
         x64 = x.to(tl.float64)
-        rstd = (1.0 / tl.sqrt(tl.sum(x64 * x64, axis=1) / K + eps)).to(tl.float32)
+        ms = tl.sum(x64 * x64, axis=1) / K + eps
+        if LIBDEVICE:  # tl.sqrt is documented as a fast (approximate) sqrt; libdevice's float64 sqrt is IEEE
+            root = libdevice.sqrt(ms)
+        else:
+            root = tl.sqrt(ms)
+        rstd = (1.0 / root).to(tl.float32)  # float64 `/` is IEEE (div.rn.f64) on NVIDIA GPUs
         w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         y = x * rstd[:, None] * w[None, :]
     elif MODE == 2:  # SiLU(gate) * up, the SiLU in float64 rounded once
         g = x.to(tl.float64)
-        if LIBDEVICE:  # the float64 exp of CUDA's libdevice (__nv_exp); the interpreter has numpy's
+        if LIBDEVICE:  # CUDA libdevice's float64 exp (__nv_exp); the interpreter has numpy's
             e = libdevice.exp(-g)
         else:
             e = tl.exp(-g)
@@ -162,7 +167,7 @@ def _atom_quantize_kernel(
     # 2. INT4 part: reordered positions [0, NORMAL), padded to N_P2; padded groups are whole groups (NORMAL % G == 0)
     #    and never stored, so what they gather (channel 0) does not matter
     pos = tl.arange(0, N_P2)
-    src = tl.load(idx_ptr + pos, mask=pos < NORMAL, other=0)
+    src = tl.load(idx_ptr + pos, mask=pos < NORMAL, other=0).to(tl.int32)  # K <= MAX_K: int32 is enough
     v = tl.gather(y, tl.broadcast_to(src[None, :], [BLOCK_M, N_P2]), 1)
     v = tl.reshape(v, [BLOCK_M, N_P2 // G, G])
     s4 = _scale_fp16(tl.max(tl.abs(v), axis=2), clip, 7)                      # [BLOCK_M, N_P2 // G]
@@ -183,7 +188,7 @@ def _atom_quantize_kernel(
     if KEEP_P2 > 0:
         kk = tl.arange(0, KEEP_P2)
         k_ok = kk < KEEPER
-        ksrc = tl.load(idx_ptr + NORMAL + kk, mask=k_ok, other=0)
+        ksrc = tl.load(idx_ptr + NORMAL + kk, mask=k_ok, other=0).to(tl.int32)
         kv = tl.gather(y, tl.broadcast_to(ksrc[None, :], [BLOCK_M, KEEP_P2]), 1)
         kv = tl.where(k_ok[None, :], kv, 0.0)  # padding must not enter the max
         s8 = _scale_fp16(tl.max(tl.abs(kv), axis=1), 1.0, 127)
