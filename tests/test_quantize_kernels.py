@@ -112,7 +112,7 @@ def test_kernel_equals_reference(mode, G, keeper, dtype):
 
 
 def test_large_rows_many_tokens():
-    """Llama-2-7B widths at a few hundred tokens, fp16 (one program holds a whole padded row: 11008 -> 16384)."""
+    """Llama-2-7B widths at tens of tokens, fp16: rows walked in several chunks with a ragged last one."""
     gen = torch.Generator().manual_seed(7)
     for K, M in ((4096, 96), (11008, 40)):
         x, index = _activation(gen, M, K, torch.float16)
@@ -302,9 +302,6 @@ def test_bad_inputs_raise_clear_errors():
         reorder_quantize(x * 1e6, idx, 64, 64, check_finite=True)
     with pytest.raises(ValueError, match="overflows float32"):
         silu_mul_quantize_ref((x * 1e20).cpu(), (x * 1e20).cpu(), idx.cpu(), 64, 64)
-    big = torch.zeros(1, qmod.MAX_K + 64).to(DEV)
-    with pytest.raises(ValueError, match="MAX_K"):
-        reorder_quantize(big, torch.arange(qmod.MAX_K + 64).to(DEV), 64, 64)
 
 
 def test_index_is_rechecked_after_in_place_change():
