@@ -56,7 +56,7 @@ def report(name, ck):
 FUSED_SIG = dict(x4="*u8", xs4="*fp16", x8="*i8", xs8="*fp16", y4="*u8", ys4="*fp16", y8="*i8", ys8="*fp16",
                  out="*fp16", res="*fp16", ws="*fp32", counters="*i32", RX="i32", RY="i32", KB="i32", KP="i32",
                  sx4="i32", sxs="i32", sx8="i32", sxs8="i32", sy4="i32", sys="i32", sy8="i32", sys8="i32",
-                 so_i="i32", so_j="i32", sr_i="i32", sr_j="i32")
+                 so_i="i32", so_j="i32", sr_i="i32", sr_j="i32", n_split="i32")
 FUSED_DIV = ["x4", "xs4", "x8", "xs8", "y4", "ys4", "y8", "ys8", "out", "res", "ws", "counters", "KB", "KP", "sx4", "sxs",
              "sx8", "sy4", "sys", "sy8", "so_j", "sr_j"]
 FP8_SIG = dict(a8="*fp8e4nv", saT="*fp32", ka="*i8", ska="*fp16", w8="*fp8e4nv", swT="*fp32", kw="*i8",
@@ -67,7 +67,7 @@ FP8_DIV = ["a8", "saT", "ka", "ska", "w8", "swT", "kw", "skw", "out", "res", "M"
 
 
 def fused(BX, BY, split, nw, ns, G=128):
-    ce = dict(GROUP=G, BX=BX, BY=BY, GROUP_X=8, SPLIT=split, HAS_RES=False, KPC=64)
+    ce = dict(GROUP=G, BX=BX, BY=BY, GROUP_X=8, IS_SPLIT=split > 1, HAS_RES=False, KPC=64)
     return report(f"fused BX{BX} BY{BY} split{split} w{nw} s{ns} G{G}",
                   compile_kernel(gemm._w4a4_fused_kernel, FUSED_SIG, ce, FUSED_DIV, nw, ns))
 
@@ -89,9 +89,11 @@ if __name__ == "__main__":
     print("triton", triton.__version__)
     fused(64, 16, 4, 4, 4)
     fused(128, 16, 4, 4, 4)
-    fused(128, 128, 1, 8, 3)
-    fused(128, 256, 1, 8, 3)
+    fused(64, 16, 4, 4, 4, G=32)
+    fused(64, 64, 1, 4, 4)
+    fused(64, 128, 1, 4, 4)
     fp8(128, 128, 8, 4)
-    fp8(128, 256, 8, 3)
     fp8(128, 128, 8, 4, tma=True)
+    fp8(64, 128, 4, 4, tma=True)
+    fp8(128, 64, 4, 4, tma=True)
     fp8(128, 128, 8, 3, G=64)

@@ -65,7 +65,7 @@ def w4a4_gemm_ref(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.f
 # ----------------------------------------------------------------------------------------------------------------
 # Method "fused": one kernel, in-register unpack to INT8 (every GPU, and the CPU interpreter)
 # ----------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["RX", "RY", "KB", "KP", "M_BUCKET"])
 def _w4a4_fused_kernel(
         x4, xs4, x8, xs8,            # rows i of the output tile: packed INT4 bytes, INT4 scales, INT8, INT8 scale
         y4, ys4, y8, ys8,            # rows j
@@ -73,6 +73,7 @@ def _w4a4_fused_kernel(
         RX, RY, KB, KP,              # rows of x, rows of y, packed INT4 bytes per row, keeper channels
         sx4, sxs, sx8, sxs8, sy4, sys, sy8, sys8,   # row strides (elements)
         so_i, so_j, sr_i, sr_j,      # output / residual strides along i and j
+        M_BUCKET,                    # unused by the kernel: the autotuner's key for the token count
         GROUP: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr, GROUP_X: tl.constexpr,
         SPLIT: tl.constexpr, HAS_RES: tl.constexpr, KPC: tl.constexpr):
     # A "step" is one group (G >= 64: G/2 bytes) or one 64-value block holding two groups of 32 (low and high
@@ -101,7 +102,25 @@ def _w4a4_fused_kernel(
     per_split = tl.cdiv(steps, SPLIT)
     s_lo = pid_k * per_split
     s_hi = tl.minimum(steps, s_lo + per_split)
+    # Scales are tiny loads that Triton's pipeliner leaves in the loop, where their latency would stall every
+    # step: load step s + 1's scales while step s computes.
+    NSC: tl.constexpr = 2 if GROUP == 32 else 1  # scale columns per step
+    sn = tl.minimum(s_lo, steps - 1)
+    px0 = tl.load(xs4 + ixl * sxs + NSC * sn)
+    py0 = tl.load(ys4 + iyl * sys + NSC * sn)
+    px1 = tl.load(xs4 + ixl * sxs + NSC * sn + (NSC - 1))
+    py1 = tl.load(ys4 + iyl * sys + NSC * sn + (NSC - 1))
     for s in range(s_lo, s_hi):
+        sx0 = px0.to(tl.float32) * (1.0 / 256.0)  # the x16 of both operands' nibbles, undone exactly
+        sy0 = py0.to(tl.float32)
+        sx1 = px1.to(tl.float32) * (1.0 / 256.0)
+        sy1 = py1.to(tl.float32)
+        sn = tl.minimum(s + 1, steps - 1)
+        px0 = tl.load(xs4 + ixl * sxs + NSC * sn)
+        py0 = tl.load(ys4 + iyl * sys + NSC * sn)
+        if GROUP == 32:
+            px1 = tl.load(xs4 + ixl * sxs + NSC * sn + 1)
+            py1 = tl.load(ys4 + iyl * sys + NSC * sn + 1)
         xb = tl.load(x4 + ixl[:, None] * sx4 + (s * SB + rb)[None, :]).to(tl.int8, bitcast=True)
         yb = tl.load(y4 + iyl[:, None] * sy4 + (s * SB + rb)[None, :]).to(tl.int8, bitcast=True)
         # value * 16 in an int8: low nibble shifted up, high nibble masked in place (sign bit lands on bit 7).
@@ -112,18 +131,12 @@ def _w4a4_fused_kernel(
         d_lo = tl.dot(x_lo, tl.trans(y_lo), out_dtype=tl.int32)
         d_hi = tl.dot(x_hi, tl.trans(y_hi), out_dtype=tl.int32)
         if GROUP == 32:  # low nibbles are group 2s, high nibbles group 2s + 1
-            sx0 = tl.load(xs4 + ixl * sxs + 2 * s).to(tl.float32) * (1.0 / 256.0)
-            sx1 = tl.load(xs4 + ixl * sxs + 2 * s + 1).to(tl.float32) * (1.0 / 256.0)
-            sy0 = tl.load(ys4 + iyl * sys + 2 * s).to(tl.float32)
-            sy1 = tl.load(ys4 + iyl * sys + 2 * s + 1).to(tl.float32)
             acc += d_lo.to(tl.float32) * (sx0[:, None] * sy0[None, :])
             acc += d_hi.to(tl.float32) * (sx1[:, None] * sy1[None, :])
         else:
-            sx = tl.load(xs4 + ixl * sxs + s).to(tl.float32) * (1.0 / 256.0)
-            sy = tl.load(ys4 + iyl * sys + s).to(tl.float32)
-            acc += (d_lo + d_hi).to(tl.float32) * (sx[:, None] * sy[None, :])
+            acc += (d_lo + d_hi).to(tl.float32) * (sx0[:, None] * sy0[None, :])
 
-    if pid_k == 0:  # the INT8 keeper channels, once per output tile
+    if pid_k == SPLIT - 1:  # the INT8 keeper channels, once per output tile (the last split has the fewest steps)
         rk = tl.arange(0, KPC)
         kacc = tl.zeros((BX, BY), dtype=tl.float32)
         for k0 in range(0, KP, KPC):
@@ -145,7 +158,7 @@ def _w4a4_fused_kernel(
         arrived = tl.atomic_add(counters + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT - 1:
             acc = tl.zeros((BX, BY), dtype=tl.float32)
-            for k in range(SPLIT):
+            for k in tl.static_range(SPLIT):
                 acc += tl.load(ws + k * RX * RY + o_off, mask=mask, other=0, cache_modifier=".cg")
             if HAS_RES:
                 acc += tl.load(res + ix[:, None] * sr_i + iy[None, :] * sr_j, mask=mask, other=0).to(tl.float32)
@@ -220,7 +233,7 @@ def _keeper_tile(ka, ska, kw, skw, rml, rnl, KP, s_ka, s_ska, s_kw, s_skw,
 def _fp8_group_gemm_kernel(
         a8, saT, ka, ska, w8, swT, kw, skw, out, res,
         M, N, NG, KP,
-        s_a8, s_ka, s_ska, s_w8, s_kw, s_skw, s_om, s_rm,
+        s_a8, s_ka, s_ska, s_w8, s_kw, s_skw, s_om, s_rm, M_BUCKET,
         GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
         HAS_RES: tl.constexpr, KPC: tl.constexpr):
     tile_m, tile_n = _tile_ids(M, N, BM, BN, GROUP_M)
@@ -230,12 +243,18 @@ def _fp8_group_gemm_kernel(
     rnl = rn % N
     acc = _keeper_tile(ka, ska, kw, skw, rml, rnl, KP, s_ka, s_ska, s_kw, s_skw, BM, BN, KPC)
     rg = tl.arange(0, GROUP)
+    # Group g + 1's scales load while group g computes (Triton's pipeliner leaves these small loads in the loop).
+    sa_n = tl.load(saT + rml)
+    sw_n = tl.load(swT + rnl)
     for g in range(0, NG):
+        sa_g = sa_n
+        sw_g = sw_n
+        gn = tl.minimum(g + 1, NG - 1)
+        sa_n = tl.load(saT + gn * M + rml)
+        sw_n = tl.load(swT + gn * N + rnl)
         a = tl.load(a8 + rml[:, None] * s_a8 + (g * GROUP + rg)[None, :])
         b = tl.load(w8 + rnl[:, None] * s_w8 + (g * GROUP + rg)[None, :])
         d = tl.dot(a, tl.trans(b))  # fp32; exact: integer products, |group sum| <= 64 * 128
-        sa_g = tl.load(saT + g * M + rml)
-        sw_g = tl.load(swT + g * N + rnl)
         acc += d * (sa_g[:, None] * sw_g[None, :])
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if HAS_RES:
@@ -247,7 +266,7 @@ def _fp8_group_gemm_kernel(
 def _fp8_group_gemm_tma_kernel(
         a_desc, saT, ka, ska, w_desc, swT, kw, skw, out, res,
         M, N, NG, KP,
-        s_ka, s_ska, s_kw, s_skw, s_om, s_rm,
+        s_ka, s_ska, s_kw, s_skw, s_om, s_rm, M_BUCKET,
         GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
         HAS_RES: tl.constexpr, KPC: tl.constexpr):
     # Same as _fp8_group_gemm_kernel, the FP8 tiles arriving through the tensor memory accelerator (TMA).
@@ -257,12 +276,17 @@ def _fp8_group_gemm_tma_kernel(
     rml = rm % M
     rnl = rn % N
     acc = _keeper_tile(ka, ska, kw, skw, rml, rnl, KP, s_ka, s_ska, s_kw, s_skw, BM, BN, KPC)
+    sa_n = tl.load(saT + rml)
+    sw_n = tl.load(swT + rnl)
     for g in range(0, NG):
+        sa_g = sa_n
+        sw_g = sw_n
+        gn = tl.minimum(g + 1, NG - 1)
+        sa_n = tl.load(saT + gn * M + rml)
+        sw_n = tl.load(swT + gn * N + rnl)
         a = a_desc.load([tile_m * BM, g * GROUP])
         b = w_desc.load([tile_n * BN, g * GROUP])
         d = tl.dot(a, tl.trans(b))
-        sa_g = tl.load(saT + g * M + rml)
-        sw_g = tl.load(swT + g * N + rnl)
         acc += d * (sa_g[:, None] * sw_g[None, :])
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if HAS_RES:
@@ -352,31 +376,103 @@ def _tile_counters(device, n: int) -> torch.Tensor:
     return c
 
 
-def _launch_fused(x: PackedAtom, y: PackedAtom, out: torch.Tensor, residual, swap: bool,
-                  BX: int, BY: int, split: int, num_warps: int, num_stages: int, group_x: int = 8) -> None:
-    """out[i, j] over x rows i, y rows j; swap=True writes out[j, i] (x = weights, y = tokens)."""
+def _m_bucket(M: int) -> int:
+    """Autotuning key for the token count: configurations are tuned per power of two, not per exact M."""
+    return min(8192, triton.next_power_of_2(M))
+
+
+def _fused_args(x: PackedAtom, y: PackedAtom, out, residual, swap: bool, ws, counters) -> list:
     RX, RY = x.rows, y.rows
     so_i, so_j = (1, out.stride(0)) if swap else (out.stride(0), 1)
     if residual is not None:
         sr_i, sr_j = (1, residual.stride(0)) if swap else (residual.stride(0), 1)
     else:
         sr_i = sr_j = 0
-    steps = x.q4.shape[1] // (x.group_size // 2 if x.group_size >= 64 else 32)
-    split = max(1, min(split, steps))
-    tiles = triton.cdiv(RX, BX) * triton.cdiv(RY, BY)
+    return [x.q4, x.s4, x.q8, x.s8, y.q4, y.s4, y.q8, y.s8,
+            out, residual if residual is not None else out, ws, counters,
+            RX, RY, x.q4.shape[1], x.keeper,
+            x.q4.stride(0), x.s4.stride(0), max(x.q8.stride(0), 1), x.s8.stride(0),
+            y.q4.stride(0), y.s4.stride(0), max(y.q8.stride(0), 1), y.s8.stride(0),
+            so_i, so_j, sr_i, sr_j, _m_bucket(RY)]
+
+
+def _steps(p: PackedAtom) -> int:
+    return p.q4.shape[1] // (p.group_size // 2 if p.group_size >= 64 else 32)
+
+
+def _launch_fused(x: PackedAtom, y: PackedAtom, out: torch.Tensor, residual, swap: bool,
+                  BX: int, BY: int, split: int, num_warps: int, num_stages: int, group_x: int = 8) -> None:
+    """One explicit configuration: out[i, j] over x rows i, y rows j; swap=True writes out[j, i] (x = weights,
+    y = tokens)."""
+    split = max(1, min(split, _steps(x)))
+    tiles = triton.cdiv(x.rows, BX) * triton.cdiv(y.rows, BY)
     ws = counters = out
     if split > 1:
-        ws = torch.empty(split, RX, RY, dtype=torch.float32, device=out.device)
+        ws = torch.empty(split, x.rows, y.rows, dtype=torch.float32, device=out.device)
         counters = _tile_counters(out.device, tiles)
     _w4a4_fused_kernel[(tiles, split)](
-        x.q4, x.s4, x.q8, x.s8, y.q4, y.s4, y.q8, y.s8,
-        out, residual if residual is not None else out, ws, counters,
-        RX, RY, x.q4.shape[1], x.keeper,
-        x.q4.stride(0), x.s4.stride(0), max(x.q8.stride(0), 1), x.s8.stride(0),
-        y.q4.stride(0), y.s4.stride(0), max(y.q8.stride(0), 1), y.s8.stride(0),
-        so_i, so_j, sr_i, sr_j,
+        *_fused_args(x, y, out, residual, swap, ws, counters),
         GROUP=x.group_size, BX=BX, BY=BY, GROUP_X=group_x, SPLIT=split, HAS_RES=residual is not None, KPC=64,
         num_warps=num_warps, num_stages=num_stages)
+
+
+def _tune_bench(fn, quantiles):
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _prune_split(configs, named_args, **kwargs):
+    # More splits than K steps would leave programs with nothing to do.
+    G = kwargs.get("GROUP", named_args.get("GROUP"))
+    steps = named_args["KB"] // (G // 2 if G >= 64 else 32)
+    kept = [c for c in configs if c.kwargs["SPLIT"] <= max(1, steps)]
+    return kept or configs[:1]
+
+
+# GPU configurations of the fused kernel with swapped operands (weights on the 64/128-row side of the tensor-core
+# tile, tokens on the BY side), by token count. Split-K fills the 132 SMs when N / BX tiles alone do not.
+# The candidates come from benchmarks/sweep_gemm.py on an H100 (benchmarks/NOTES.md); autotune picks per shape.
+SWAP_CLASSES = [  # (max M, BY, configs)
+    (16, 16, [(bx, sp) for bx in (64, 128) for sp in (1, 2, 4, 8, 16)]),
+    (64, 64, [(bx, sp) for bx in (64, 128) for sp in (1, 2, 4, 8)]),
+    (256, 128, [(64, 1), (64, 2), (128, 1)]),
+]
+_SWAP_TUNERS: dict = {}
+
+
+def _swap_tuner(cls: int):
+    if cls not in _SWAP_TUNERS:
+        configs = [triton.Config({"BX": bx, "SPLIT": sp}, num_warps=4, num_stages=4) for bx, sp in SWAP_CLASSES[cls][2]]
+        _SWAP_TUNERS[cls] = triton.autotune(configs, key=["RX", "KB", "KP", "M_BUCKET"], do_bench=_tune_bench,
+                                            prune_configs_by={"early_config_prune": _prune_split})(_w4a4_fused_kernel)
+    return _SWAP_TUNERS[cls]
+
+
+def _launch_swap_tuned(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual) -> None:
+    M, N = a.rows, w.rows
+    cls = next(i for i, (max_m, _, _) in enumerate(SWAP_CLASSES) if M <= max_m)
+    BY = SWAP_CLASSES[cls][1]
+    max_split = max(sp for _, sp in SWAP_CLASSES[cls][2])
+    ws = torch.empty(max_split, N, M, dtype=torch.float32, device=out.device) if max_split > 1 else out
+    counters = _tile_counters(out.device, triton.cdiv(N, 64) * triton.cdiv(M, BY))
+    grid = lambda meta: (triton.cdiv(N, meta["BX"]) * triton.cdiv(M, BY), meta["SPLIT"])  # noqa: E731
+    _swap_tuner(cls)[grid](*_fused_args(w, a, out, residual, True, ws, counters),
+                           GROUP=a.group_size, BY=BY, GROUP_X=8, HAS_RES=residual is not None, KPC=64)
+
+
+_NORMAL_CONFIGS = [triton.Config({"BX": bx, "BY": by}, num_warps=nw, num_stages=ns)
+                   for bx, by, nw, ns in ((64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3))]
+_normal_tuner = None
+
+
+def _launch_normal_tuned(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual) -> None:
+    """The fused kernel without swap or split (mid-size M on GPUs without FP8 tensor cores)."""
+    global _normal_tuner
+    if _normal_tuner is None:
+        _normal_tuner = triton.autotune(_NORMAL_CONFIGS, key=["RX", "RY", "KB", "M_BUCKET"],
+                                        do_bench=_tune_bench)(_w4a4_fused_kernel)
+    grid = lambda meta: (triton.cdiv(a.rows, meta["BX"]) * triton.cdiv(w.rows, meta["BY"]), 1)  # noqa: E731
+    _normal_tuner[grid](*_fused_args(a, w, out, residual, False, out, out),
+                        GROUP=a.group_size, GROUP_X=8, SPLIT=1, HAS_RES=residual is not None, KPC=64)
 
 
 def unpack_fp8(p: PackedAtom):
@@ -391,42 +487,87 @@ def unpack_fp8(p: PackedAtom):
     if interpreting():
         BR, UNITS = min(256, triton.next_power_of_2(R)), max(1, min(64, KB // U))
     else:
-        BR, UNITS = 32, max(1, min(4, KB // U))
+        BR, UNITS = 64, max(1, min(8, KB // U))
     grid = (triton.cdiv(R, BR), triton.cdiv(KB // U, UNITS))
     _unpack_fp8_kernel[grid](p.q4, p.s4, out, sT, R, KB, p.q4.stride(0), p.s4.stride(0), out.stride(0),
                              GROUP=G, BR=BR, UNITS=UNITS, num_warps=4)
     return out, sT
 
 
+def _fp8_common(a: PackedAtom, w: PackedAtom, out, residual):
+    strides = (max(a.q8.stride(0), 1), a.s8.stride(0), max(w.q8.stride(0), 1), w.s8.stride(0),
+               out.stride(0), residual.stride(0) if residual is not None else 0)
+    return strides, (residual if residual is not None else out)
+
+
 def _launch_fp8(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual, BM: int, BN: int,
                 num_warps: int, num_stages: int, group_m: int = 8, tma: bool = False, a8=None, w8=None) -> None:
-    """a8/w8: (fp8, scalesT) from unpack_fp8, when the caller already has them (benchmarks of the GEMM alone)."""
+    """One explicit configuration. a8/w8: (fp8, scalesT) from unpack_fp8, when the caller already has them
+    (benchmarks of the GEMM alone)."""
     M, N = out.shape
     G = a.group_size
     a8, saT = unpack_fp8(a) if a8 is None else a8
     w8, swT = unpack_fp8(w) if w8 is None else w8
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    res = residual if residual is not None else out
+    strides, res = _fp8_common(a, w, out, residual)
     tail = dict(GROUP=G, BM=BM, BN=BN, GROUP_M=group_m, HAS_RES=residual is not None, KPC=64,
                 num_warps=num_warps, num_stages=num_stages)
-    strides = (max(a.q8.stride(0), 1), a.s8.stride(0), max(w.q8.stride(0), 1), w.s8.stride(0),
-               out.stride(0), residual.stride(0) if residual is not None else 0)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor.from_tensor(a8, [BM, G])
         w_desc = TensorDescriptor.from_tensor(w8, [BN, G])
         _fp8_group_gemm_tma_kernel[grid](a_desc, saT, a.q8, a.s8, w_desc, swT, w.q8, w.s8, out, res,
-                                         M, N, a.s4.shape[1], a.keeper, *strides, **tail)
+                                         M, N, a.s4.shape[1], a.keeper, *strides, _m_bucket(M), **tail)
     else:
         _fp8_group_gemm_kernel[grid](a8, saT, a.q8, a.s8, w8, swT, w.q8, w.s8, out, res,
                                      M, N, a.s4.shape[1], a.keeper, a8.stride(0), strides[0], strides[1],
-                                     w8.stride(0), *strides[2:], **tail)
+                                     w8.stride(0), *strides[2:], _m_bucket(M), **tail)
+
+
+def _set_tma_blocks(nargs):
+    G = nargs["GROUP"]
+    nargs["a_desc"].block_shape = [nargs["BM"], G]
+    nargs["w_desc"].block_shape = [nargs["BN"], G]
+
+
+# FP8 GEMM candidates (benchmarks/sweep_gemm.py on an H100): 128x128 tiles with 8 warps, or 64x128 / 128x64 tiles
+# with 4 warps, which leave room for two programs per SM whose scaling and tensor-core phases can overlap.
+FP8_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 5),
+               (128, 64, 4, 4)]
+_fp8_tuner = None
+
+
+def _launch_fp8_tuned(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual, a8=None, w8=None) -> None:
+    global _fp8_tuner
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if _fp8_tuner is None:
+        configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=nw, num_stages=ns, pre_hook=_set_tma_blocks)
+                   for bm, bn, nw, ns in FP8_CONFIGS]
+        _fp8_tuner = triton.autotune(configs, key=["M_BUCKET", "N", "NG", "KP"],
+                                     do_bench=_tune_bench)(_fp8_group_gemm_tma_kernel)
+    M, N = out.shape
+    G = a.group_size
+    a8, saT = unpack_fp8(a) if a8 is None else a8
+    w8, swT = unpack_fp8(w) if w8 is None else w8
+    a_desc = TensorDescriptor.from_tensor(a8, [64, G])  # block shapes are set per config by _set_tma_blocks
+    w_desc = TensorDescriptor.from_tensor(w8, [64, G])
+    strides, res = _fp8_common(a, w, out, residual)
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    _fp8_tuner[grid](a_desc, saT, a.q8, a.s8, w_desc, swT, w.q8, w.s8, out, res,
+                     M, N, a.s4.shape[1], a.keeper, *strides, _m_bucket(M),
+                     GROUP=G, GROUP_M=8, HAS_RES=residual is not None, KPC=64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------------------------
+# Set from the H100 sweeps (benchmarks/NOTES.md): below FP8_MIN_M tokens the fused kernel wins (the FP8 path must
+# first write a full FP8 copy of the weights); from there on the FP8 tensor cores win.
+FP8_MIN_M = 512
+
+
 def has_fp8_tensor_cores(device) -> bool:
     if device.type != "cuda":
         return False
@@ -434,35 +575,27 @@ def has_fp8_tensor_cores(device) -> bool:
 
 
 def choose_method(M: int, device) -> str:
-    """"fp8" for large M where the GPU has FP8 tensor cores, "fused" otherwise (and always in the interpreter)."""
+    """"fp8" for M >= FP8_MIN_M where the GPU has FP8 tensor cores (Hopper, Ada), "fused" otherwise; the CPU
+    interpreter always gets "fused"."""
     if interpreting() or not has_fp8_tensor_cores(device):
         return "fused"
     return "fp8" if M >= FP8_MIN_M else "fused"
 
 
-FP8_MIN_M = 1024  # set from the H100 sweep in benchmarks/NOTES.md
+def _interp_tiles(M: int, N: int):
+    # Every program costs ~1 ms per K step under the interpreter: few, large tiles.
+    return _pow2_at_least(M, 16, 128), _pow2_at_least(N, 16, 128)
 
 
-def _fused_config(M: int, N: int, K4: int):
-    """(swap, BX, BY, split, num_warps, num_stages) for the fused kernel."""
-    if interpreting():
-        # Every program costs ~1 ms per K step under the interpreter: few, large tiles, no split.
-        return (False, _pow2_at_least(M, 16, 128), _pow2_at_least(N, 16, 128), 1, 4, 1)
-    if M <= 64:
-        BY = _pow2_at_least(M, 16, 64)
-        BX = 64
-        tiles = triton.cdiv(N, BX)
-        split = 1
-        while tiles * split < 2 * 132 and split < 8:
-            split *= 2
-        return (True, BX, BY, split, 4, 4)
-    return (False, 128, 128, 1, 8, 3)
-
-
-def _fp8_config(M: int, N: int):
-    if interpreting():
-        return (_pow2_at_least(M, 16, 128), _pow2_at_least(N, 16, 128), 4, 1)
-    return (128, 128, 8, 4)
+def last_config(M: int, method: str) -> str:
+    """The configuration the autotuner used in the last GPU call for M tokens (for benchmark records)."""
+    if method == "fp8":
+        tuner = _fp8_tuner
+    elif M <= SWAP_CLASSES[-1][0]:
+        tuner = _SWAP_TUNERS.get(next(i for i, c in enumerate(SWAP_CLASSES) if M <= c[0]))
+    else:
+        tuner = _normal_tuner
+    return str(getattr(tuner, "best_config", None))
 
 
 def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float16,
@@ -476,32 +609,41 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
         w: PackedAtom of the weights, N rows (output channels), same K, keeper and group size G.
         out_dtype: torch.float16, torch.bfloat16 or torch.float32.
         residual: optional [M, N] tensor (fp16/bf16/fp32) added in the epilogue.
-        method: None (choose per GPU and M), "fused" or "fp8" (needs FP8 tensor cores, or the interpreter).
+        method: None (choose per GPU and M, see choose_method), "fused" or "fp8" (needs FP8 tensor cores, or the
+            interpreter).
         check_finite: reject NaN/inf scales (one device sync); default on for CPU tensors only.
     Returns:
         [M, N] tensor of out_dtype.
+
+    On a GPU the tile shapes (and the split-K factor) are chosen by triton.autotune per (shape, power-of-two M);
+    under the interpreter one configuration with few, large tiles is used.
     """
     if check_finite is None:
         check_finite = isinstance(a, PackedAtom) and a.q4.device.type == "cpu"
     _check_inputs(a, w, out_dtype, residual, check_finite)
     M, N, device = a.rows, w.rows, a.q4.device
     method = method or choose_method(M, device)
+    if method not in ("fused", "fp8"):
+        raise ValueError(f"method must be None, 'fused' or 'fp8', got {method!r}.")
     if method == "fp8" and not (interpreting() or has_fp8_tensor_cores(device)):
         raise ValueError(f"method='fp8' needs a GPU with FP8 tensor cores (compute capability >= 8.9); "
                          f"{device} has none. Use method='fused'.")
-    if method not in ("fused", "fp8"):
-        raise ValueError(f"method must be None, 'fused' or 'fp8', got {method!r}.")
     # The interpreter has no bf16 arithmetic: compute in fp32 there and cast with PyTorch.
     kernel_dtype = torch.float32 if interpreting() and out_dtype == torch.bfloat16 else out_dtype
     res = residual
     if res is not None and interpreting() and res.dtype == torch.bfloat16:
         res = res.float()
     out = torch.empty(M, N, dtype=kernel_dtype, device=device)
-    if method == "fused":
-        swap, BX, BY, split, nw, ns = _fused_config(M, N, a.q4.shape[1] * 2)
-        x, y = (w, a) if swap else (a, w)
-        _launch_fused(x, y, out, res, swap, BX, BY, split, nw, ns)
+    if interpreting():
+        BM, BN = _interp_tiles(M, N)
+        if method == "fused":
+            _launch_fused(a, w, out, res, False, BM, BN, 1, 4, 1)
+        else:
+            _launch_fp8(a, w, out, res, BM, BN, 4, 1)
+    elif method == "fp8":
+        _launch_fp8_tuned(a, w, out, res)
+    elif M <= SWAP_CLASSES[-1][0]:
+        _launch_swap_tuned(a, w, out, res)
     else:
-        BM, BN, nw, ns = _fp8_config(M, N)
-        _launch_fp8(a, w, out, res, BM, BN, nw, ns)
+        _launch_normal_tuned(a, w, out, res)
     return out if kernel_dtype == out_dtype else out.to(out_dtype)
