@@ -1,0 +1,424 @@
+"""Activation quantizers for Atom: (RMSNorm | SiLU(gate) * up | nothing) + reorder + INT4/INT8 quantize + pack.
+
+Every token row x [K] goes through, in ONE kernel:
+    y = f(x)                 f = RMSNorm (input of q/k/v and gate/up), SiLU(gate) * up (input of down_proj),
+                             or nothing (input of o_proj); computed in float32
+    y = y[index]             Atom's channel order: normal channels first, the `keeper` outliers last
+    PackedAtom               first K - keeper channels: INT4 groups of G (clip), packed per kernels/pack.py;
+                             last keeper channels: INT8 with one scale per token (kernels/formats.py)
+and each wrapper has a PyTorch `*_ref` beside it, built on kernels.formats.quantize_atom_ref.
+
+Why the kernel looks like this:
+- The reorder is a gather by an arbitrary permutation. Gathered straight from global memory, each warp's 32 loads
+  land on ~25 different cache lines of the row; instead a program keeps its whole row in registers (padded to a
+  power of two, as tl.arange needs, with masks on the ragged end: 11008 -> 16384) and permutes it with tl.gather,
+  which Triton lowers to a shared-memory gather on the GPU. The row is read from memory once, the index once per
+  program, and nothing but the packed result is written. Rows longer than MAX_K are refused.
+- Quantization matches atom_lab.quant.quantize_symmetric bit for bit: the group max is exact in any order, the
+  division is IEEE (tl.math.div_rn: Triton's `/` on fp32 is the approximate div.full.f32 on NVIDIA GPUs), the
+  rounding is half-to-even by the 1.5 * 2^23 add/subtract trick after clamping (the interpreter has no libdevice),
+  fp32 -> fp16 conversion rounds to nearest even on both sides.
+- RMSNorm and SiLU involve a sum and an exp whose rounding depends on the order and the library. To keep scales
+  and integers bit-exact anyway, the parts that are not plain fp32 products are computed in float64 and rounded
+  once to float32: 1 / sqrt(sum(x^2) / K + eps) and g / (1 + exp(-g)). Both sides then hold the correctly
+  rounded float32 value except when the float64 results straddle a float32 rounding boundary (odds ~1e-8 per
+  value), and the rest (x * rstd * w, silu * up) is the same sequence of IEEE fp32 products in kernel and reference.
+  The float64 work costs little for RMSNorm (one multiply-add per element) and more for SiLU (a float64 exp).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from atom_lab.quant import MIN_SCALE
+
+from ._common import check_tensor, interpreting
+from .formats import PackedAtom, check_atom_shape, quantize_atom_ref
+
+MAX_K = 32768  # a longer row does not fit one program's registers and shared memory
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MODE_PLAIN, MODE_RMSNORM, MODE_SILU_MUL = 0, 1, 2
+AUTOTUNE = True  # on a GPU, pick a config per shape by timing (the interpreter cannot); tests turn it off
+
+_MIN_SCALE = tl.constexpr(MIN_SCALE)
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + M - M rounds x half-to-even for |x| < 2^22
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PyTorch references (float32 pre-quantization values, then the shared quantizer)
+# ---------------------------------------------------------------------------------------------------------------
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm in float32 with the kernel's arithmetic. x: float [M, K]; weight: float [K] -> float32 [M, K].
+
+    rstd = float32(1 / sqrt(sum(x^2) / K + eps)) is computed in float64 (eps rounded to float32 first, as a Triton
+    scalar argument is); y = (x * rstd) * weight in float32. Hugging Face's LlamaRMSNorm also rounds to the input
+    dtype before multiplying by the weight; the fused kernel does not, so for fp16/bf16 inputs the two differ by one
+    rounding of the input dtype, far below the INT4 step.
+    """
+    xf = x.float()
+    eps32 = float(torch.tensor(eps, dtype=torch.float32))
+    ms = xf.double().square().sum(dim=-1, keepdim=True) / x.shape[-1]
+    rstd = (1.0 / torch.sqrt(ms + eps32)).float()
+    return xf * rstd * weight.float()
+
+
+def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up with the kernel's arithmetic. gate, up: float [M, K] -> float32 [M, K].
+
+    silu = float32(g / (1 + exp(-g))) computed in float64; the product with up is float32. (Llama's MLP in bf16
+    rounds both to bf16; this is the float32 version the brief asks for.)
+    """
+    g = gate.float().double()
+    return (g / (1.0 + torch.exp(-g))).float() * up.float()
+
+
+def reorder_quantize_ref(x, index, group_size: int, keeper: int, clip: float = 1.0) -> PackedAtom:
+    """Reference for reorder_quantize. x: float [..., K]; index: int [K] -> PackedAtom of M = x.numel() // K rows."""
+    x2 = _rows(x, "x", check_finite=True)
+    _check_index(index, x2.shape[1], x2.device)
+    return _quantize_ref(x2.float()[:, index.long()], "x", group_size, keeper, clip)
+
+
+def rmsnorm_quantize_ref(x, weight, eps: float, index, group_size: int, keeper: int, clip: float = 1.0) -> PackedAtom:
+    """Reference for rmsnorm_quantize. x: float [..., K]; weight: float [K]; index: int [K] -> PackedAtom."""
+    x2 = _rows(x, "x", check_finite=True)
+    K = x2.shape[1]
+    _check_weight(weight, K, x2.device, check_finite=True)
+    _check_eps(eps)
+    _check_index(index, K, x2.device)
+    return _quantize_ref(rmsnorm_ref(x2, weight, eps)[:, index.long()], "RMSNorm(x) * weight", group_size, keeper, clip)
+
+
+def silu_mul_quantize_ref(gate, up, index, group_size: int, keeper: int, clip: float = 1.0) -> PackedAtom:
+    """Reference for silu_mul_quantize. gate, up: float [..., K] of one shape; index: int [K] -> PackedAtom."""
+    g2, u2 = _gate_up(gate, up, check_finite=True)
+    _check_index(index, g2.shape[1], g2.device)
+    return _quantize_ref(silu_mul_ref(g2, u2)[:, index.long()], "SiLU(gate) * up", group_size, keeper, clip)
+
+
+def _quantize_ref(y: torch.Tensor, what: str, group_size: int, keeper: int, clip: float) -> PackedAtom:
+    _check_clip(clip)
+    if not torch.isfinite(y).all():
+        raise ValueError(f"{what} overflows float32 (inf/NaN) although the inputs are finite; rescale the inputs.")
+    p = quantize_atom_ref(y, group_size, keeper, clip)
+    _check_scales(p, what)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused kernel: one program quantizes BLOCK_M whole rows
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _scale_fp16(amax, clip, QMAX: tl.constexpr):
+    # float16(max(clip * amax / qmax, 2^-14)), with an IEEE division as in torch
+    s = tl.math.div_rn(amax * clip, QMAX * 1.0)
+    return tl.maximum(s, _MIN_SCALE).to(tl.float16)
+
+
+@triton.jit
+def _quantize(v, scale_fp16, QMAX: tl.constexpr):
+    # round_half_even(v / scale) clamped to [-qmax-1, qmax]; clamping first keeps |v| < 2^22 for the magic trick
+    v = tl.math.div_rn(v, scale_fp16.to(tl.float32))
+    v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
+    return ((v + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int8)
+
+
+@triton.jit
+def _atom_quantize_kernel(
+        x_ptr, u_ptr, w_ptr, idx_ptr,             # input rows, `up` rows (MODE 2), norm weight (MODE 1), index [K]
+        q4_ptr, s4_ptr, q8_ptr, s8_ptr,           # outputs, contiguous (kernels/formats.py)
+        M, K, NORMAL, KEEPER, stride_x, stride_u, eps, clip,
+        MODE: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr,
+        K_P2: tl.constexpr, N_P2: tl.constexpr, KEEP_P2: tl.constexpr, LIBDEVICE: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows = rows.to(tl.int64)  # M * K may pass 2^31
+    cols = tl.arange(0, K_P2)
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    # 1. the float32 values to quantize, in the original channel order
+    if MODE == 1:  # RMSNorm: rstd in float64, rounded once (module docstring)
+        x64 = x.to(tl.float64)
+        ms = tl.sum(x64 * x64, axis=1) / K + eps
+        if LIBDEVICE:  # tl.sqrt is documented as a fast (approximate) sqrt; libdevice's float64 sqrt is IEEE
+            root = libdevice.sqrt(ms)
+        else:
+            root = tl.sqrt(ms)
+        rstd = (1.0 / root).to(tl.float32)  # float64 `/` is IEEE (div.rn.f64) on NVIDIA GPUs
+        w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        y = x * rstd[:, None] * w[None, :]
+    elif MODE == 2:  # SiLU(gate) * up, the SiLU in float64 rounded once
+        g = x.to(tl.float64)
+        if LIBDEVICE:  # CUDA libdevice's float64 exp (__nv_exp); the interpreter has numpy's
+            e = libdevice.exp(-g)
+        else:
+            e = tl.exp(-g)
+        silu = (g / (1.0 + e)).to(tl.float32)
+        up = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = silu * up
+    else:
+        y = x
+
+    # 2. INT4 part: reordered positions [0, NORMAL), padded to N_P2; padded groups are whole groups (NORMAL % G == 0)
+    #    and never stored, so what they gather (channel 0) does not matter
+    pos = tl.arange(0, N_P2)
+    src = tl.load(idx_ptr + pos, mask=pos < NORMAL, other=0).to(tl.int32)  # K <= MAX_K: int32 is enough
+    v = tl.gather(y, tl.broadcast_to(src[None, :], [BLOCK_M, N_P2]), 1)
+    v = tl.reshape(v, [BLOCK_M, N_P2 // G, G])
+    s4 = _scale_fp16(tl.max(tl.abs(v), axis=2), clip, 7)                      # [BLOCK_M, N_P2 // G]
+    grp = tl.arange(0, N_P2 // G)
+    tl.store(s4_ptr + rows[:, None] * (NORMAL // G) + grp[None, :], s4,
+             mask=row_ok[:, None] & (grp < NORMAL // G)[None, :])
+    q = _quantize(v, s4[:, :, None], 7)
+    # pack per kernels/pack.py: in each block of 64, byte j = value j (low nibble) | value j + 32 (high nibble);
+    # the two halves sit on an axis of size 2, so shifting one by 4 and summing over it packs without a shuffle
+    q = tl.reshape(q, [BLOCK_M, N_P2 // 64, 2, 32]).to(tl.int32) & 0xF
+    shift = (tl.arange(0, 2) * 4)[None, None, :, None]
+    packed = tl.reshape(tl.sum(q << shift, axis=2), [BLOCK_M, N_P2 // 2]).to(tl.uint8)
+    byte = tl.arange(0, N_P2 // 2)
+    tl.store(q4_ptr + rows[:, None] * (NORMAL // 2) + byte[None, :], packed,
+             mask=row_ok[:, None] & (byte < NORMAL // 2)[None, :])
+
+    # 3. INT8 keeper part: the last KEEPER reordered positions, one scale per row, never clipped
+    if KEEP_P2 > 0:
+        kk = tl.arange(0, KEEP_P2)
+        k_ok = kk < KEEPER
+        ksrc = tl.load(idx_ptr + NORMAL + kk, mask=k_ok, other=0).to(tl.int32)
+        kv = tl.gather(y, tl.broadcast_to(ksrc[None, :], [BLOCK_M, KEEP_P2]), 1)
+        kv = tl.where(k_ok[None, :], kv, 0.0)  # padding must not enter the max
+        s8 = _scale_fp16(tl.max(tl.abs(kv), axis=1), 1.0, 127)
+        tl.store(s8_ptr + rows, s8, mask=row_ok)
+        tl.store(q8_ptr + rows[:, None] * KEEPER + kk[None, :], _quantize(kv, s8[:, None], 127),
+                 mask=row_ok[:, None] & k_ok[None, :])
+
+
+# GPU configs: (rows per program, warps). More rows per program share one read of the index; more warps hold a
+# longer row without spilling.
+GPU_CONFIGS = [(1, 4), (1, 8), (1, 16), (2, 8), (4, 16)]
+_atom_quantize_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in GPU_CONFIGS],
+    key=["K", "NORMAL", "KEEPER"],
+)(_atom_quantize_kernel)
+
+
+def _launch(mode, x2, u2, weight, index, eps, clip, group_size, keeper) -> PackedAtom:
+    M, K = x2.shape
+    normal = K - keeper
+    dev = x2.device
+    q4 = torch.empty(M, normal // 2, dtype=torch.uint8, device=dev)
+    s4 = torch.empty(M, normal // group_size, dtype=torch.float16, device=dev)
+    q8 = torch.empty(M, keeper, dtype=torch.int8, device=dev)
+    s8 = (torch.empty if keeper else torch.ones)(M, 1, dtype=torch.float16, device=dev)
+    k_p2, n_p2 = triton.next_power_of_2(K), max(triton.next_power_of_2(normal), 64)
+    keep_p2 = triton.next_power_of_2(keeper) if keeper else 0
+    args = (x2, x2 if u2 is None else u2, x2 if weight is None else weight, index, q4, s4, q8, s8,
+            M, K, normal, keeper, x2.stride(0), x2.stride(0) if u2 is None else u2.stride(0), float(eps), float(clip))
+    meta = dict(MODE=mode, G=group_size, K_P2=k_p2, N_P2=n_p2, KEEP_P2=keep_p2, LIBDEVICE=not interpreting())
+    if interpreting():
+        # each program costs ~1 ms whatever its size: few programs, ~2^17 elements each
+        block_m = max(1, min(triton.next_power_of_2(M), (1 << 17) // k_p2))
+        _atom_quantize_kernel[(triton.cdiv(M, block_m),)](*args, BLOCK_M=block_m, **meta)
+    elif AUTOTUNE:
+        _atom_quantize_tuned[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]),)](*args, **meta)
+    else:
+        _atom_quantize_kernel[(M,)](*args, BLOCK_M=1, num_warps=min(16, max(4, k_p2 // 512)), **meta)
+    return PackedAtom(q4, s4, q8, s8, group_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Version 1, naive (for teaching, llm.c style): one program per (row, group) gathers its channels straight from
+# global memory and writes unpacked int8; pack_int4 then packs in a second kernel. No norm/SiLU fusion.
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _quantize_groups_naive_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, stride_x, start, width, clip,
+                                  QMAX: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    grp = tl.program_id(1)
+    j = tl.arange(0, G_P2)
+    ok = j < G
+    src = tl.load(idx_ptr + start + grp * G + j, mask=ok, other=0)             # reordered position -> channel
+    v = tl.load(x_ptr + row * stride_x + src, mask=ok, other=0.0).to(tl.float32)
+    s = _scale_fp16(tl.max(tl.abs(v), axis=0), clip, QMAX)
+    tl.store(s_ptr + row * (width // G) + grp, s)
+    tl.store(q_ptr + row * width + grp * G + j, _quantize(v, s, QMAX), mask=ok)
+
+
+def reorder_quantize_naive(x, index, group_size: int, keeper: int, clip: float = 1.0,
+                           check_finite: bool | None = None) -> PackedAtom:
+    """Version 1 of reorder_quantize (same arguments and result): a program per group + a separate pack kernel.
+
+    Slower than the fused kernel (scattered global loads, int8 written and read back, ~1 ms per program under
+    the interpreter); kept to show what fusion removes.
+    """
+    from .pack import pack_int4
+
+    x2 = _rows(x, "x", check_finite)
+    _check_all(x2, index, group_size, keeper, clip)
+    M, K = x2.shape
+    normal = K - keeper
+    q4 = torch.empty(M, normal, dtype=torch.int8, device=x2.device)
+    s4 = torch.empty(M, normal // group_size, dtype=torch.float16, device=x2.device)
+    _quantize_groups_naive_kernel[(M, normal // group_size)](x2, index, q4, s4, x2.stride(0), 0, normal, float(clip),
+                                                             QMAX=7, G=group_size, G_P2=group_size)
+    q8 = torch.empty(M, keeper, dtype=torch.int8, device=x2.device)
+    s8 = torch.ones(M, 1, dtype=torch.float16, device=x2.device)
+    if keeper:
+        _quantize_groups_naive_kernel[(M, 1)](x2, index, q8, s8, x2.stride(0), normal, keeper, 1.0,
+                                              QMAX=127, G=keeper, G_P2=triton.next_power_of_2(keeper))
+    return _finish(PackedAtom(pack_int4(q4), s4, q8, s8, group_size), x2, check_finite, "x")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wrappers
+# ---------------------------------------------------------------------------------------------------------------
+def reorder_quantize(x, index, group_size: int, keeper: int, clip: float = 1.0,
+                     check_finite: bool | None = None) -> PackedAtom:
+    """Reorder channels and quantize rows into the packed Atom format (the o_proj input: no norm before it).
+
+    Args:
+        x: float32/float16/bfloat16 [..., K]; leading dimensions are flattened into M rows.
+        index: int32/int64 [K], a permutation: row i of the result holds x[i, index] (outliers last).
+        group_size: 32, 64 or 128 (INT4 groups); keeper: INT8 outlier channels at the end; clip in (0, 1].
+        check_finite: reject NaN/inf inputs and overflowing scales; None = only on the CPU (on a GPU the check
+            would synchronise every call).
+    Returns:
+        PackedAtom: q4 uint8 [M, (K-keeper)/2], s4 fp16 [M, (K-keeper)/G], q8 int8 [M, keeper], s8 fp16 [M, 1].
+    """
+    x2 = _rows(x, "x", check_finite)
+    _check_all(x2, index, group_size, keeper, clip)
+    return _finish(_launch(MODE_PLAIN, x2, None, None, index, 0.0, clip, group_size, keeper), x2, check_finite, "x")
+
+
+def rmsnorm_quantize(x, weight, eps: float, index, group_size: int, keeper: int, clip: float = 1.0,
+                     check_finite: bool | None = None) -> PackedAtom:
+    """Fused RMSNorm (y = x * rsqrt(mean(x^2) + eps) * weight, float32) + reorder + quantize.
+
+    Args:
+        x: float32/float16/bfloat16 [..., K] (the residual stream; it is only read, the caller keeps it).
+        weight: float [K], the norm's weight in the ORIGINAL channel order. eps: > 0.
+        index, group_size, keeper, clip, check_finite: as in reorder_quantize.
+    Returns:
+        PackedAtom of M = x.numel() // K rows (shapes as in reorder_quantize).
+    """
+    x2 = _rows(x, "x", check_finite)
+    _check_all(x2, index, group_size, keeper, clip)
+    _check_weight(weight, x2.shape[1], x2.device, _want_check(check_finite, x2))
+    _check_eps(eps)
+    packed = _launch(MODE_RMSNORM, x2, None, weight.contiguous(), index, eps, clip, group_size, keeper)
+    return _finish(packed, x2, check_finite, "RMSNorm(x) * weight")
+
+
+def silu_mul_quantize(gate, up, index, group_size: int, keeper: int, clip: float = 1.0,
+                      check_finite: bool | None = None) -> PackedAtom:
+    """Fused SiLU(gate) * up (float32; Llama's MLP) + reorder + quantize: the input of down_proj.
+
+    Args:
+        gate, up: float32/float16/bfloat16 [..., K], same shape (views with a row stride, e.g. halves of a fused
+            gate_up projection, are read in place).
+        index, group_size, keeper, clip, check_finite: as in reorder_quantize.
+    Returns:
+        PackedAtom of M = gate.numel() // K rows (shapes as in reorder_quantize).
+    """
+    g2, u2 = _gate_up(gate, up, check_finite)
+    _check_all(g2, index, group_size, keeper, clip)
+    return _finish(_launch(MODE_SILU_MUL, g2, u2, None, index, 0.0, clip, group_size, keeper), g2, check_finite,
+                   "SiLU(gate) * up")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------------------------
+def _want_check(check_finite, t) -> bool:
+    return t.device.type == "cpu" if check_finite is None else bool(check_finite)
+
+
+def _rows(x, name: str, check_finite) -> torch.Tensor:
+    """x [..., K] -> a [M, K] view (copied only if its last dimension is strided), checked."""
+    check_tensor(x, name, FLOAT_DTYPES)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    if _want_check(check_finite, x2) and not torch.isfinite(x2).all():
+        raise ValueError(f"{name} contains NaN or inf; activations must be finite to be quantized.")
+    return x2
+
+
+def _gate_up(gate, up, check_finite):
+    g2, u2 = _rows(gate, "gate", check_finite), _rows(up, "up", check_finite)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}.")
+    if gate.device != up.device:
+        raise ValueError(f"gate and up must be on one device, got {gate.device} and {up.device}.")
+    return g2, u2
+
+
+def _check_clip(clip) -> None:
+    if not isinstance(clip, (int, float)) or not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip must be a number in (0, 1], got {clip!r}.")
+
+
+def _check_eps(eps) -> None:
+    if not isinstance(eps, (int, float)) or not 0.0 < eps < float("inf"):
+        raise ValueError(f"eps must be a positive finite number (e.g. the model's rms_norm_eps), got {eps!r}.")
+
+
+def _check_weight(weight, K: int, device, check_finite: bool) -> None:
+    check_tensor(weight, "weight", FLOAT_DTYPES, dim=1)
+    if weight.shape[0] != K:
+        raise ValueError(f"weight has {weight.shape[0]} entries but x has K={K} channels.")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but x is on {device}; move it with weight.to(x.device).")
+    if check_finite and not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or inf.")
+
+
+# Validating a permutation needs the values on the host (a GPU sync). An index is a fixed per-layer tensor, so
+# each one is checked once and remembered until it is modified in place (its _version changes) or freed.
+_CHECKED_INDEX: dict[int, tuple] = {}
+
+
+def _check_index(index, K: int, device) -> None:
+    check_tensor(index, "index", (torch.int32, torch.int64), dim=1)
+    if index.shape[0] != K:
+        raise ValueError(f"index has {index.shape[0]} entries but x has K={K} channels; it must be a permutation "
+                         f"of range({K}).")
+    if index.device != device:
+        raise ValueError(f"index is on {index.device} but x is on {device}; move it with index.to(x.device).")
+    if not index.is_contiguous():
+        raise ValueError("index must be contiguous; pass index.contiguous() (once, not per call).")
+    seen = _CHECKED_INDEX.get(id(index))
+    if seen is not None and seen[0]() is index and seen[1] == index._version:
+        return
+    counts = torch.bincount(index.long().clamp(-1, K) + 1, minlength=K + 2)
+    if counts[0] or counts[-1] or not bool((counts[1:-1] == 1).all()):
+        raise ValueError(f"index must be a permutation of range({K}) (each channel exactly once), e.g. "
+                         f"torch.argsort of an outlier metric.")
+    if len(_CHECKED_INDEX) > 4096:
+        _CHECKED_INDEX.clear()
+    _CHECKED_INDEX[id(index)] = (weakref.ref(index), index._version)
+
+
+def _check_all(x2, index, group_size: int, keeper: int, clip) -> None:
+    K = x2.shape[1]
+    check_atom_shape(K, keeper, group_size)
+    if K > MAX_K:
+        raise ValueError(f"K={K} channels exceed MAX_K={MAX_K}: one program holds a whole row; split the row.")
+    _check_clip(clip)
+    _check_index(index, K, x2.device)
+
+
+def _check_scales(p: PackedAtom, what: str) -> None:
+    if not (torch.isfinite(p.s4).all() and torch.isfinite(p.s8).all()):
+        raise ValueError(f"{what} has a group whose scale overflows float16 (|value| > ~458k for INT4, ~8.3M for "
+                         f"INT8); rescale the inputs.")
+
+
+def _finish(p: PackedAtom, x2, check_finite, what: str) -> PackedAtom:
+    if _want_check(check_finite, x2):
+        _check_scales(p, what)
+    return p
