@@ -56,18 +56,18 @@ def report(name, ck):
 FUSED_SIG = dict(x4="*u8", xs4="*fp16", x8="*i8", xs8="*fp16", y4="*u8", ys4="*fp16", y8="*i8", ys8="*fp16",
                  out="*fp16", res="*fp16", ws="*fp32", counters="*i32", RX="i32", RY="i32", KB="i32", KP="i32",
                  sx4="i32", sxs="i32", sx8="i32", sxs8="i32", sy4="i32", sys="i32", sy8="i32", sys8="i32",
-                 so_i="i32", so_j="i32", sr_i="i32", sr_j="i32", n_split="i32")
+                 so_i="i32", so_j="i32", sr_i="i32", sr_j="i32", M_BUCKET="i32")
 FUSED_DIV = ["x4", "xs4", "x8", "xs8", "y4", "ys4", "y8", "ys8", "out", "res", "ws", "counters", "KB", "KP", "sx4", "sxs",
              "sx8", "sy4", "sys", "sy8", "so_j", "sr_j"]
 FP8_SIG = dict(a8="*fp8e4nv", saT="*fp32", ka="*i8", ska="*fp16", w8="*fp8e4nv", swT="*fp32", kw="*i8",
                skw="*fp16", out="*fp16", res="*fp16", M="i32", N="i32", NG="i32", KP="i32", s_a8="i32",
-               s_ka="i32", s_ska="i32", s_w8="i32", s_kw="i32", s_skw="i32", s_om="i32", s_rm="i32")
+               s_ka="i32", s_ska="i32", s_w8="i32", s_kw="i32", s_skw="i32", s_om="i32", s_rm="i32", M_BUCKET="i32")
 FP8_DIV = ["a8", "saT", "ka", "ska", "w8", "swT", "kw", "skw", "out", "res", "M", "N", "KP", "s_a8", "s_ka",
            "s_w8", "s_kw", "s_om"]
 
 
 def fused(BX, BY, split, nw, ns, G=128):
-    ce = dict(GROUP=G, BX=BX, BY=BY, GROUP_X=8, IS_SPLIT=split > 1, HAS_RES=False, KPC=64)
+    ce = dict(GROUP=G, BX=BX, BY=BY, GROUP_X=8, SPLIT=split, HAS_RES=False, KPC=64)
     return report(f"fused BX{BX} BY{BY} split{split} w{nw} s{ns} G{G}",
                   compile_kernel(gemm._w4a4_fused_kernel, FUSED_SIG, ce, FUSED_DIV, nw, ns))
 
