@@ -1,6 +1,8 @@
 """Benchmark of the W4A4 kernels against the libraries, on Llama-2-7B shapes, all in one run on one GPU.
 
-What is timed (median of triton.testing.do_bench, L2 flushed before every run, random non-zero data):
+What is timed (median of triton.testing.do_bench, L2 flushed before every run, random non-zero data; the primary
+numbers are replays of a CUDA graph of each call, i.e. GPU time; eager times and clean-L2 times are recorded too,
+see benchmarks/common.py):
   cublas_bf16    torch.matmul on bf16 [M, K] x [K, N] (the baseline every ratio divides)
   int_mm_int8    torch._int_mm on int8 (cuBLASLt; needs M > 16)
   scaled_mm_fp8  torch._scaled_mm on FP8 e4m3, per-tensor scales (needs dims that are multiples of 16)
@@ -28,52 +30,76 @@ import torch  # noqa: E402
 from atom_lab import kernels  # noqa: E402
 from atom_lab.kernels import gemm as G  # noqa: E402
 from atom_lab.kernels import w4a4_gemm, w4a4_gemm_ref  # noqa: E402
-from benchmarks.common import (LLAMA2_7B, MS, QUICK_MS, bench_ms, copy_bandwidth_gbs, device_facts,  # noqa: E402
-                               floors_us, library_fns, packed_inputs)
+from benchmarks.common import (GRAPH_FAILURES, LLAMA2_7B, MS, QUICK_MS, bench_ms, copy_bandwidth_gbs,  # noqa: E402
+                               device_facts, floors_us, library_fns, packed_inputs)
 
 GROUP, KEEPER = 128, 128
 BAR_SMALL, BAR_LARGE = 3.0, 1.3   # issue 6: x cuBLAS bf16 at M <= 16, and at M >= 2048
 BAR_QUANT = 0.75                  # fused RMSNorm+quantize: fraction of copy bandwidth at M >= 256
 
 
+def host_us_per_call(fn, calls: int = 200) -> float:
+    """Host time per eager call when calls are queued back to back (no sync in the loop)."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / calls * 1e6
+
+
 def bench_gemms(ms, log=print):
+    """Per shape and M: GPU time from CUDA-graph replays (the primary number, L2 flushed by do_bench before each
+    replay), the eager do_bench time, and for M <= 256 the clean-L2 GPU time (see benchmarks/common.py)."""
     rows = []
     for K, N, layer in LLAMA2_7B:
         for M in ms:
             x, w, a, wq = packed_inputs(M, K, N, GROUP, KEEPER)
             row = dict(layer=layer, K=K, N=N, M=M, method=G.choose_method(M, x.device))
-            for lib, fn in library_fns(x, w).items():
+            libs = library_fns(x, w)
+            for lib, fn in libs.items():
                 if callable(fn):
-                    row[lib + "_ms"] = bench_ms(fn)
+                    row[lib + "_ms"] = bench_ms(fn, graph=True)
                 else:
                     row[lib + "_ms"] = None
                     row[lib + "_error"] = fn
-            out = w4a4_gemm(a, wq)
+            out = w4a4_gemm(a, wq)  # the first call autotunes
             torch.cuda.synchronize()
             if M <= 1024:  # exact reference is affordable: check the timed kernel's output
                 ref = w4a4_gemm_ref(a, wq, torch.float32)
                 row["rel_err_vs_ref"] = ((out.float() - ref).norm() / ref.norm()).item()
-            row["w4a4_ms"] = bench_ms(lambda: w4a4_gemm(a, wq))
+            ours = lambda: w4a4_gemm(a, wq)  # noqa: E731
+            row["w4a4_ms"] = bench_ms(ours, graph=True)
             row["config"] = G.last_config(M, row["method"])
+            row["cublas_bf16_eager_ms"] = bench_ms(libs["cublas_bf16"])
+            row["w4a4_eager_ms"] = bench_ms(ours)
             if row["method"] == "fp8":
                 a8, w8 = G.unpack_fp8(a), G.unpack_fp8(wq)
-                row["w4a4_unpack_a_ms"] = bench_ms(lambda: G.unpack_fp8(a))
-                row["w4a4_unpack_w_ms"] = bench_ms(lambda: G.unpack_fp8(wq))
-                row["w4a4_gemm_only_ms"] = bench_ms(lambda: G._launch_fp8_tuned(a, wq, out, None, a8=a8, w8=w8))
+                row["w4a4_unpack_a_ms"] = bench_ms(lambda: G.unpack_fp8(a), graph=True)
+                row["w4a4_unpack_w_ms"] = bench_ms(lambda: G.unpack_fp8(wq), graph=True)
+                row["w4a4_gemm_only_ms"] = bench_ms(lambda: G._launch_fp8_tuned(a, wq, out, None, a8=a8, w8=w8),
+                                                    graph=True)
             base = row["cublas_bf16_ms"]
             row["speedup_vs_bf16"] = base / row["w4a4_ms"]
+            row["speedup_vs_bf16_eager"] = row["cublas_bf16_eager_ms"] / row["w4a4_eager_ms"]
             if M <= 256:  # memory-bound: also time with a clean L2 (see benchmarks/common.py)
-                row["cublas_bf16_clean_l2_ms"] = bench_ms(library_fns(x, w)["cublas_bf16"], flush="read")
-                row["w4a4_clean_l2_ms"] = bench_ms(lambda: w4a4_gemm(a, wq), flush="read")
+                row["cublas_bf16_clean_l2_ms"] = bench_ms(libs["cublas_bf16"], flush="read", graph=True)
+                row["w4a4_clean_l2_ms"] = bench_ms(ours, flush="read", graph=True)
                 row["speedup_vs_bf16_clean_l2"] = row["cublas_bf16_clean_l2_ms"] / row["w4a4_clean_l2_ms"]
             for lib in ("int_mm_int8", "scaled_mm_fp8"):
                 t = row[lib + "_ms"]
                 row[f"{lib}_speedup_vs_bf16"] = base / t if t else None
             row["tflops_w4a4"] = 2 * M * N * K / row["w4a4_ms"] / 1e9
+            if layer == "o_proj" and M == 1:
+                row["host_us_per_call_w4a4"] = host_us_per_call(ours)
+                row["host_us_per_call_cublas_bf16"] = host_us_per_call(libs["cublas_bf16"])
             rows.append(row)
             log(f"{layer:8s} K={K:5d} N={N:5d} M={M:5d}  bf16 {base * 1e3:8.1f} us  w4a4 {row['w4a4_ms'] * 1e3:8.1f} us"
-                f" ({row['method']})  x{row['speedup_vs_bf16']:.2f}")
-            del x, w, a, wq, out
+                f" ({row['method']}, {row['config']})  x{row['speedup_vs_bf16']:.2f}"
+                f"  [eager x{row['speedup_vs_bf16_eager']:.2f}"
+                + (f", clean L2 x{row['speedup_vs_bf16_clean_l2']:.2f}]" if M <= 256 else "]"))
+            del x, w, a, wq, out, libs
             torch.cuda.empty_cache()
     return rows
 
@@ -91,11 +117,11 @@ def bench_quantize(ms, copy_gbs, log=print):
         index = torch.randperm(K, device="cuda")
         p = fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9)
         torch.cuda.synchronize()
-        ms_ = bench_ms(lambda: fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9))
+        ms_ = bench_ms(lambda: fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9), graph=True)
         nbytes = (x.numel() * x.element_size() + weight.numel() * weight.element_size()
                   + index.numel() * index.element_size() + p.nbytes())
         gbs = nbytes / ms_ / 1e6
-        ms_clean = bench_ms(lambda: fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9), flush="read")
+        ms_clean = bench_ms(lambda: fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9), flush="read", graph=True)
         rows.append(dict(M=M, K=K, ms=ms_, bytes=nbytes, gbs=gbs, fraction_of_copy=gbs / copy_gbs,
                          ms_clean_l2=ms_clean, fraction_of_copy_clean_l2=nbytes / ms_clean / 1e6 / copy_gbs))
         log(f"rmsnorm_quantize M={M:5d}: {ms_ * 1e3:8.1f} us  {gbs:7.0f} GB/s = {gbs / copy_gbs:.0%} of copy "
@@ -130,11 +156,12 @@ def bars(rows, quant):
 def markdown(res) -> str:
     dev = res["device"]
     lines = [f"W4A4 GEMM (group {GROUP}, {KEEPER} INT8 keeper channels, fp16 out) on **{dev['device']}**, "
-             f"torch {dev['torch']}, triton {dev['triton']}. Times in microseconds (median, L2 flushed); "
-             f"x = speed-up over cuBLAS bf16 in the same run.", "",
+             f"torch {dev['torch']}, triton {dev['triton']}. GPU times in microseconds: median of CUDA-graph replays "
+             f"(triton.testing.do_bench, L2 flushed before each); x = speed-up over cuBLAS bf16 in the same run; "
+             f"clean L2 = the same with the flush done by reading (no dirty lines left to write back).", "",
              "| layer (K x N) | M | cuBLAS bf16 | INT8 _int_mm | FP8 _scaled_mm | W4A4 (ours) | method | x bf16 "
-             "| x bf16, clean L2 |",
-             "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "| x bf16, clean L2 | x bf16, eager |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
 
     def us(v):
         return "n/a" if v is None else f"{v * 1e3:.1f}"
@@ -142,8 +169,8 @@ def markdown(res) -> str:
         lines.append(f"| {r['layer']} ({r['K']}x{r['N']}) | {r['M']} | {us(r['cublas_bf16_ms'])} | "
                      f"{us(r['int_mm_int8_ms'])} | {us(r['scaled_mm_fp8_ms'])} | {us(r['w4a4_ms'])} | "
                      f"{r['method']} | {r['speedup_vs_bf16']:.2f} | "
-                     f"{r['speedup_vs_bf16_clean_l2']:.2f} |" if "speedup_vs_bf16_clean_l2" in r else
-                     f"{r['method']} | {r['speedup_vs_bf16']:.2f} | |")
+                     + (f"{r['speedup_vs_bf16_clean_l2']:.2f}" if "speedup_vs_bf16_clean_l2" in r else "")
+                     + f" | {r['speedup_vs_bf16_eager']:.2f} |")
     q = res.get("quantize", {})
     if q.get("available"):
         lines += ["", f"Fused RMSNorm + reorder + quantize, rows of 4096 (copy bandwidth {res['copy_gbs']:.0f} GB/s, "
@@ -210,8 +237,8 @@ def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print) ->
                  of_floor=max(f["bytes_us"], f["flops_us"]) / (r["w4a4_ms"] * 1e3))
     quant = bench_quantize([256, 1024, 4096, 8192] if not quick else [256, 4096], info["copy_gbs"], log)
     res = dict(device=info, copy_gbs=info["copy_gbs"], fp8_library_peak_tflops=tc, group=GROUP, keeper=KEEPER,
-               timing="triton.testing.do_bench median, L2 flushed before each run", gemm=rows, quantize=quant,
-               seconds=time.time() - t0)
+               timing="triton.testing.do_bench median of CUDA-graph replays, L2 flushed before each run",
+               graph_capture_failures=GRAPH_FAILURES, gemm=rows, quantize=quant, seconds=time.time() - t0)
     res["bars"] = bars(rows, quant)
     res["markdown"] = markdown(res)
     log(res["markdown"])

@@ -23,6 +23,8 @@ there too, for the tests).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -431,17 +433,22 @@ def _prune_split(configs, named_args, **kwargs):
 # GPU configurations of the fused kernel with swapped operands (weights on the 64/128-row side of the tensor-core
 # tile, tokens on the BY side), by token count. Split-K fills the 132 SMs when N / BX tiles alone do not.
 # The candidates come from benchmarks/sweep_gemm.py on an H100 (benchmarks/NOTES.md); autotune picks per shape.
-SWAP_CLASSES = [  # (max M, BY, configs)
-    (16, 16, [(bx, sp) for bx in (64, 128) for sp in (1, 2, 4, 8, 16)]),
-    (64, 64, [(bx, sp) for bx in (64, 128) for sp in (1, 2, 4, 8)]),
-    (256, 128, [(64, 1), (64, 2), (128, 1)]),
+SWAP_CLASSES = [  # (max M, BY, configs (BX, SPLIT, num_stages)); the first one is the untuned default
+    (16, 16, [(64, 4, 4)] + [(bx, sp, 4) for bx in (64, 128) for sp in (1, 2, 8, 16)] + [(128, 4, 4)]
+     + [(64, sp, ns) for sp in (1, 4, 8) for ns in (3, 6)]),
+    (64, 64, [(64, 2, 4)] + [(bx, sp, 4) for bx in (64, 128) for sp in (1, 4, 8)] + [(128, 2, 4), (64, 1, 3)]),
+    (256, 128, [(64, 1, 4), (64, 2, 4), (128, 1, 4), (64, 1, 3)]),
 ]
+# triton.autotune on the GPU; AUTOTUNE = False (or ATOM_LAB_AUTOTUNE=0) uses each list's first configuration, which
+# keeps the number of compiled variants small (the GPU test run).
+AUTOTUNE = os.environ.get("ATOM_LAB_AUTOTUNE", "1") != "0"
 _SWAP_TUNERS: dict = {}
 
 
 def _swap_tuner(cls: int):
     if cls not in _SWAP_TUNERS:
-        configs = [triton.Config({"BX": bx, "SPLIT": sp}, num_warps=4, num_stages=4) for bx, sp in SWAP_CLASSES[cls][2]]
+        configs = [triton.Config({"BX": bx, "SPLIT": sp}, num_warps=4, num_stages=ns)
+                   for bx, sp, ns in SWAP_CLASSES[cls][2]]
         _SWAP_TUNERS[cls] = triton.autotune(configs, key=["RX", "KB", "KP", "M_BUCKET"], do_bench=_tune_bench,
                                             prune_configs_by={"early_config_prune": _prune_split})(_w4a4_fused_kernel)
     return _SWAP_TUNERS[cls]
@@ -451,7 +458,11 @@ def _launch_swap_tuned(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual
     M, N = a.rows, w.rows
     cls = next(i for i, (max_m, _, _) in enumerate(SWAP_CLASSES) if M <= max_m)
     BY = SWAP_CLASSES[cls][1]
-    max_split = max(sp for _, sp in SWAP_CLASSES[cls][2])
+    if not AUTOTUNE:
+        BX, split, ns = SWAP_CLASSES[cls][2][0]
+        _launch_fused(w, a, out, residual, True, BX, BY, split, 4, ns)
+        return
+    max_split = max(sp for _, sp, _ in SWAP_CLASSES[cls][2])
     ws = torch.empty(max_split, N, M, dtype=torch.float32, device=out.device) if max_split > 1 else out
     counters = _tile_counters(out.device, triton.cdiv(N, 64) * triton.cdiv(M, BY))
     grid = lambda meta: (triton.cdiv(N, meta["BX"]) * triton.cdiv(M, BY), meta["SPLIT"])  # noqa: E731
@@ -467,6 +478,9 @@ _normal_tuner = None
 def _launch_normal_tuned(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual) -> None:
     """The fused kernel without swap or split (mid-size M on GPUs without FP8 tensor cores)."""
     global _normal_tuner
+    if not AUTOTUNE:
+        _launch_fused(a, w, out, residual, False, 64, 128, 1, 4, 4)
+        return
     if _normal_tuner is None:
         _normal_tuner = triton.autotune(_NORMAL_CONFIGS, key=["RX", "RY", "KB", "M_BUCKET"],
                                         do_bench=_tune_bench)(_w4a4_fused_kernel)
@@ -533,7 +547,7 @@ def _set_tma_blocks(nargs):
 
 # FP8 GEMM candidates (benchmarks/sweep_gemm.py on an H100): 128x128 tiles with 8 warps, or 64x128 / 128x64 tiles
 # with 4 warps, which leave room for two programs per SM whose scaling and tensor-core phases can overlap.
-FP8_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 5),
+FP8_CONFIGS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (64, 128, 4, 5),
                (128, 64, 4, 4)]
 _fp8_tuner = None
 
@@ -542,6 +556,10 @@ def _launch_fp8_tuned(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual,
     global _fp8_tuner
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    if not AUTOTUNE:
+        BM, BN, nw, ns = FP8_CONFIGS[0]
+        _launch_fp8(a, w, out, residual, BM, BN, nw, ns, tma=True, a8=a8, w8=w8)
+        return
     if _fp8_tuner is None:
         configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=nw, num_stages=ns, pre_hook=_set_tma_blocks)
                    for bm, bn, nw, ns in FP8_CONFIGS]
@@ -589,6 +607,8 @@ def _interp_tiles(M: int, N: int):
 
 def last_config(M: int, method: str) -> str:
     """The configuration the autotuner used in the last GPU call for M tokens (for benchmark records)."""
+    if not AUTOTUNE:
+        return "untuned default"
     if method == "fp8":
         tuner = _fp8_tuner
     elif M <= SWAP_CLASSES[-1][0]:

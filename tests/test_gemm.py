@@ -19,6 +19,14 @@ FP8_OK = not GPU or G.has_fp8_tensor_cores(DEV)
 METHODS = ["fused", "fp8"] if FP8_OK else ["fused"]
 
 
+@pytest.fixture(autouse=True)
+def _untuned(monkeypatch, request):
+    """On a GPU, triton.autotune would compile and time every candidate for every random shape here: the property
+    tests use each family's default configuration; test_gpu_autotuned_dispatch covers the tuned path."""
+    if "autotuned" not in request.node.name:
+        monkeypatch.setattr(G, "AUTOTUNE", False)
+
+
 def packed_pair(M, N, K4, group, keeper, seed, outliers=True):
     """Random activations [M, K] and weights [N, K] (K = K4 + keeper), quantized to PackedAtom on DEV."""
     g = torch.Generator().manual_seed(seed)
@@ -141,6 +149,16 @@ def test_gpu_configurations(M):
             out = torch.full((M, N), float("nan"), device=DEV, dtype=torch.float16)
             G._launch_fp8(a, w, out, res, 128, 128, 8, 3, tma=tma)
             assert_matches(out, a, w, res)
+
+
+@pytest.mark.skipif(not GPU, reason="triton.autotune runs on the GPU only")
+@pytest.mark.parametrize("M", [1, 16, 100, 1024])
+def test_gpu_autotuned_dispatch(M):
+    """w4a4_gemm as the benchmarks call it: autotuned configuration, fp16 out, residual."""
+    a, w = packed_pair(M, 1000, 3968, 128, 128, seed=M)
+    res = torch.randn(M, 1000, device=DEV, dtype=torch.float16)
+    assert_matches(w4a4_gemm(a, w, torch.float16, residual=res), a, w, res)
+    assert int(G._tile_counters(DEV, 1).abs().sum()) == 0
 
 
 def test_rejects_bad_input():
