@@ -99,7 +99,7 @@ def bench_gemms(ms, log=print):
                 f" ({row['method']}, {row['config']})  x{row['speedup_vs_bf16']:.2f}"
                 f"  [eager x{row['speedup_vs_bf16_eager']:.2f}"
                 + (f", clean L2 x{row['speedup_vs_bf16_clean_l2']:.2f}]" if M <= 256 else "]"))
-            del x, w, a, wq, out, libs
+            x = w = a = wq = out = libs = None  # free before the next shape
             torch.cuda.empty_cache()
     return rows
 
@@ -111,17 +111,18 @@ def bench_quantize(ms, copy_gbs, log=print):
         return {"available": False, "note": "kernels.rmsnorm_quantize not in this checkout"}
     rows = []
     K = 4096
+    # check_finite=False: the NaN/inf check synchronizes with the host, which a CUDA graph cannot capture.
     for M in ms:
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         weight = torch.rand(K, device="cuda", dtype=torch.float16) + 0.5
         index = torch.randperm(K, device="cuda")
-        p = fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9)
+        p = fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9, check_finite=False)
         torch.cuda.synchronize()
-        ms_ = bench_ms(lambda: fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9), graph=True)
+        ms_ = bench_ms(lambda: fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9, check_finite=False), graph=True)
         nbytes = (x.numel() * x.element_size() + weight.numel() * weight.element_size()
                   + index.numel() * index.element_size() + p.nbytes())
         gbs = nbytes / ms_ / 1e6
-        ms_clean = bench_ms(lambda: fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9), flush="read", graph=True)
+        ms_clean = bench_ms(lambda: fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9, check_finite=False), flush="read", graph=True)
         rows.append(dict(M=M, K=K, ms=ms_, bytes=nbytes, gbs=gbs, fraction_of_copy=gbs / copy_gbs,
                          ms_clean_l2=ms_clean, fraction_of_copy_clean_l2=nbytes / ms_clean / 1e6 / copy_gbs))
         log(f"rmsnorm_quantize M={M:5d}: {ms_ * 1e3:8.1f} us  {gbs:7.0f} GB/s = {gbs / copy_gbs:.0%} of copy "
@@ -153,13 +154,15 @@ def bars(rows, quant):
     return out
 
 
-def markdown(res) -> str:
+def markdown(res, lib_note: str | None = None) -> str:
+    """README table. lib_note: where the INT8/FP8 library times come from, when not from this run."""
     dev = res["device"]
+    star = "*" if lib_note else ""
     lines = [f"W4A4 GEMM (group {GROUP}, {KEEPER} INT8 keeper channels, fp16 out) on **{dev['device']}**, "
              f"torch {dev['torch']}, triton {dev['triton']}. GPU times in microseconds: median of CUDA-graph replays "
              f"(triton.testing.do_bench, L2 flushed before each); x = speed-up over cuBLAS bf16 in the same run; "
              f"clean L2 = the same with the flush done by reading (no dirty lines left to write back).", "",
-             "| layer (K x N) | M | cuBLAS bf16 | INT8 _int_mm | FP8 _scaled_mm | W4A4 (ours) | method | x bf16 "
+             f"| layer (K x N) | M | cuBLAS bf16 | INT8 _int_mm{star} | FP8 _scaled_mm{star} | W4A4 (ours) | method | x bf16 "
              "| x bf16, clean L2 | x bf16, eager |",
              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
 
@@ -171,8 +174,10 @@ def markdown(res) -> str:
                      f"{r['method']} | {r['speedup_vs_bf16']:.2f} | "
                      + (f"{r['speedup_vs_bf16_clean_l2']:.2f}" if "speedup_vs_bf16_clean_l2" in r else "")
                      + f" | {r['speedup_vs_bf16_eager']:.2f} |")
+    if lib_note:
+        lines += ["", f"\\* {lib_note}"]
     q = res.get("quantize", {})
-    if q.get("available"):
+    if q.get("rows"):
         lines += ["", f"Fused RMSNorm + reorder + quantize, rows of 4096 (copy bandwidth {res['copy_gbs']:.0f} GB/s, "
                       f"bytes read + written):", "", "| M | time (us) | GB/s | of copy |", "|---:|---:|---:|---:|"]
         for r in q["rows"]:
@@ -184,7 +189,7 @@ def markdown(res) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(res, path):
+def plot(res, path, suptitle: str | None = None, lib_title: str | None = None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -211,10 +216,10 @@ def plot(res, path):
     axes[0].text(1, BAR_SMALL * 1.02, "bar M<=16", fontsize=8)
     axes[0].text(2048, BAR_LARGE * 1.04, "bar M>=2048", fontsize=8)
     axes[0].set_title("W4A4 group-128 GEMM (ours)")
-    axes[1].set_title("Library INT8 / FP8 GEMMs (no group scales)")
+    axes[1].set_title(lib_title or "Library INT8 / FP8 GEMMs (no group scales)")
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{res['device']['device']}: Llama-2-7B linear layers, same run")
+    fig.suptitle(suptitle or f"{res['device']['device']}: Llama-2-7B linear layers, one run, GPU times")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

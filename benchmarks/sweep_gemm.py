@@ -138,7 +138,7 @@ def main():
             if libs.get("cublas_bf16") and callable(libs["cublas_bf16"]):
                 record(shape, M, "cublas_bf16 (again)", libs["cublas_bf16"])
             save()
-            del x, w, a, wq, out16, ref
+            x = w = a = wq = out16 = ref = None  # free before the next shape
             torch.cuda.empty_cache()
 
     # Short table: per shape and M, cuBLAS bf16 and the best of our variants (ratio = bf16 time / ours).

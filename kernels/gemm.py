@@ -18,8 +18,13 @@ Two ways to run it (`method=`), the same function:
   "fp8"    for large M on GPUs with FP8 tensor cores (Hopper, Ada): a bandwidth-bound pass unpacks both operands
            once into FP8 e4m3 (exact for -8..7), then a block-scaled FP8 GEMM reads plain FP8 tiles that Triton can
            pipeline through shared memory into wgmma, and rescales its fp32 partial once per group.
-`method=None` chooses per GPU and per M (see `choose_method`); the interpreter always runs "fused" (FP8 runs
-there too, for the tests).
+`method=None` chooses per GPU and per M (`choose_method`):
+    CPU interpreter                        -> "fused", one configuration with few, large tiles
+    GPU without FP8 tensor cores (< sm_89) -> "fused": swapped operands + split-K for M <= 256, plain tiles above
+    GPU with FP8 tensor cores (Hopper, Ada) -> "fused" for M < FP8_MIN_M, "fp8" (TMA loads) from there on
+On the GPU triton.autotune picks tile shapes, split-K factor and pipeline depth per (shape, power-of-two M) among
+candidates taken from the H100 sweeps (benchmarks/NOTES.md). The interpreter runs both methods (tests), and both
+run compiled in tests/test_gemm.py on a GPU.
 """
 from __future__ import annotations
 
