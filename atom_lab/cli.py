@@ -31,6 +31,23 @@ def _cmd_perplexity(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    # The benchmark scripts live in benchmarks/ of a source checkout (they are not part of the installed package).
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "bench_gemm.py").exists():
+        print(f"atom-lab bench runs from a source checkout: {root / 'benchmarks'} not found. Clone the repository "
+              f"and run `python -m atom_lab.cli bench` from it.", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from benchmarks import bench_gemm
+
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    bench_gemm.run(args.json, plot, args.markdown, args.quick)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atom-lab", description="Atom W4A4 quantization: lab tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=_cmd_perplexity)
+
+    p = sub.add_parser("bench", help="time the W4A4 kernels against cuBLAS bf16 / INT8 / FP8 (needs a CUDA GPU)")
+    p.add_argument("--json", help="write device, versions, every shape and every time to this JSON file")
+    p.add_argument("--plot", help="PNG of the speed-ups (default: the --json path with .png)")
+    p.add_argument("--markdown", help="write the README-ready table to this file")
+    p.add_argument("--quick", action="store_true", help="fewer M values")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,195 @@
+"""W4A4 group GEMM: the Triton kernels equal the PyTorch reference, for random shapes, group sizes and keeper counts.
+
+On a CPU the kernels run in Triton's interpreter (few, large tiles). On a GPU the same tests run compiled, plus the
+GPU-only configurations (split-K in one launch, swapped operands for small M, FP8 through TMA) and an exactness
+check of the FP8 tensor-core accumulation on worst-case integers.
+"""
+import random
+
+import pytest
+import torch
+
+import atom_lab
+from atom_lab.kernels import PackedAtom, pack_int4_ref, quantize_atom_ref, w4a4_gemm, w4a4_gemm_ref
+from atom_lab.kernels import gemm as G
+
+DEV = atom_lab.default_device()
+GPU = DEV.type == "cuda"
+FP8_OK = not GPU or G.has_fp8_tensor_cores(DEV)
+METHODS = ["fused", "fp8"] if FP8_OK else ["fused"]
+
+
+@pytest.fixture(autouse=True)
+def _untuned(monkeypatch, request):
+    """On a GPU, triton.autotune would compile and time every candidate for every random shape here: the property
+    tests use each family's default configuration; test_gpu_autotuned_dispatch covers the tuned path."""
+    if "autotuned" not in request.node.name:
+        monkeypatch.setattr(G, "AUTOTUNE", False)
+
+
+def packed_pair(M, N, K4, group, keeper, seed, outliers=True):
+    """Random activations [M, K] and weights [N, K] (K = K4 + keeper), quantized to PackedAtom on DEV."""
+    g = torch.Generator().manual_seed(seed)
+    K = K4 + keeper
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g) * 0.05
+    if outliers and keeper:
+        x[:, K4:] *= 20  # the keeper channels are the outliers in Atom's order
+    return (quantize_atom_ref(x.to(DEV), group, keeper, clip=0.9), quantize_atom_ref(w.to(DEV), group, keeper))
+
+
+def assert_matches(out, a, w, residual=None, rel=1e-5):
+    """|out - ref| <= rel * sum|terms| elementwise (fp32 summation-order rounding), plus fp16/bf16 output rounding."""
+    ref = w4a4_gemm_ref(a, w, torch.float32, residual).cpu()
+    bound = w4a4_gemm_ref(a, w, torch.float32, residual, absolute=True).cpu()
+    o = out.float().cpu()
+    assert torch.isfinite(o).all(), "non-finite output (an element left unwritten?)"
+    tol = rel * bound + 1e-30
+    if out.dtype != torch.float32:
+        tol = tol + ref.abs() * (2.0 ** -8 if out.dtype == torch.bfloat16 else 2.0 ** -11)
+    err = (o - ref).abs()
+    bad = err > tol
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} elements off; worst |err| {err.max().item():.3e} "
+                           f"where tol {tol.flatten()[err.argmax()].item():.3e}")
+
+
+def test_by_hand_exact():
+    """One token, one output channel, K = 64 INT4 + 2 INT8 channels, unit scales: integers we can add up."""
+    qa = torch.arange(64, dtype=torch.int8) % 16 - 8          # -8..7 four times
+    qw = torch.full((64,), 2, dtype=torch.int8)
+    qw[::2] = -1                                              # -1, 2, -1, 2, ...
+    one = torch.ones(1, 1, dtype=torch.float16)
+    a = PackedAtom(pack_int4_ref(qa[None]), one.clone(), torch.tensor([[100, -3]], dtype=torch.int8), one * 0.5, 64)
+    w = PackedAtom(pack_int4_ref(qw[None]), one * 2, torch.tensor([[2, 5]], dtype=torch.int8), one * 4, 64)
+    want = 2 * int((qa.int() * qw.int()).sum()) + 0.5 * 4 * (100 * 2 - 3 * 5)
+    for method in METHODS:
+        y = w4a4_gemm(a.to(DEV), w.to(DEV), torch.float32, method=method)
+        assert y.shape == (1, 1) and y.item() == want, (method, y.item(), want)
+
+
+CASES = []
+_rng = random.Random(1234)
+for _i in range(18):
+    _group = (32, 64, 128)[_i % 3]
+    _keeper = (0, 64, 128, 100)[_i % 4]
+    _unit = max(64, _group)
+    CASES.append(dict(M=[1, 2, 7, 16, 33, _rng.randint(64, 300)][_i % 6], N=_rng.randint(1, 300),
+                      K4=_unit * _rng.randint(1, max(1, 768 // _unit)), group=_group, keeper=_keeper, seed=_i))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{M}-N{N}-K4_{K4}-G{group}-kp{keeper}".format(**c))
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_reference_random(case, method):
+    a, w = packed_pair(case["M"], case["N"], case["K4"], case["group"], case["keeper"], case["seed"])
+    out = w4a4_gemm(a, w, torch.float32, method=method)
+    assert out.shape == (case["M"], case["N"]) and out.dtype == torch.float32
+    assert_matches(out, a, w)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("res_dtype", [None, torch.float16, torch.bfloat16, torch.float32])
+def test_output_dtypes_and_residual(out_dtype, res_dtype):
+    a, w = packed_pair(19, 70, 256, 64, 64, seed=7)
+    res = None if res_dtype is None else torch.randn(19, 70, device=DEV).to(res_dtype)
+    for method in METHODS:
+        out = w4a4_gemm(a, w, out_dtype, residual=res, method=method)
+        assert out.dtype == out_dtype
+        assert_matches(out, a, w, res)
+
+
+def test_dispatch_default_and_rows_slices():
+    """method=None picks a method; row-slices of packed tensors (row stride > width) work."""
+    a, w = packed_pair(40, 50, 384, 128, 128, seed=3)
+    assert_matches(w4a4_gemm(a, w, torch.float32), a, w)
+    sub = PackedAtom(a.q4[5:9], a.s4[5:9], a.q8[5:9], a.s8[5:9], 128)
+    assert_matches(w4a4_gemm(sub, w, torch.float32), sub, w)
+
+
+def test_fp8_path_is_exact_on_extreme_integers():
+    """All -8 (group dot 64 * 128 = 8192, the largest) and mixed signs, unit scales: results are exact integers."""
+    for fill in ("extreme", "mixed"):
+        K4, M, N = 512, 64, 128
+        if fill == "extreme":
+            qa = torch.full((M, K4), -8, dtype=torch.int8)
+            qw = torch.full((N, K4), -8, dtype=torch.int8)
+        else:
+            g = torch.Generator().manual_seed(0)
+            qa = torch.randint(-8, 8, (M, K4), dtype=torch.int8, generator=g)
+            qw = torch.randint(-8, 8, (N, K4), dtype=torch.int8, generator=g)
+        s = torch.ones(M, K4 // 128, dtype=torch.float16)
+        kp = torch.full((M, 128), 127, dtype=torch.int8)
+        a = PackedAtom(pack_int4_ref(qa), s, kp, torch.ones(M, 1, dtype=torch.float16), 128).to(DEV)
+        w = PackedAtom(pack_int4_ref(qw), s[:1].expand(N, -1).contiguous(), kp[:1].expand(N, -1).contiguous(),
+                       torch.ones(N, 1, dtype=torch.float16), 128).to(DEV)
+        want = (qa.double() @ qw.double().T + 127 * 127 * 128).float()
+        for method in METHODS:
+            out = w4a4_gemm(a, w, torch.float32, method=method).cpu()
+            assert torch.equal(out, want), (fill, method, (out - want).abs().max().item())
+
+
+@pytest.mark.skipif(not GPU, reason="GPU-only configurations (compiled tile shapes, split-K, TMA)")
+@pytest.mark.parametrize("M", [1, 5, 16, 64, 300])
+def test_gpu_configurations(M):
+    """Every GPU configuration the dispatcher or the benchmarks use, on a ragged Llama-like shape."""
+    N, K4, keeper = 1000, 3968, 128
+    a, w = packed_pair(M, N, K4, 128, keeper, seed=M)
+    res = torch.randn(M, N, device=DEV, dtype=torch.float16)
+    for split in (1, 3, 8):
+        for BX, BY in ((64, 16), (128, 16), (64, 64)):
+            out = torch.full((M, N), float("nan"), device=DEV, dtype=torch.float16)
+            G._launch_fused(w, a, out, res, True, BX, BY, split, 4, 4)
+            assert_matches(out, a, w, res)
+    assert int(G._tile_counters(DEV, 1).abs().sum()) == 0, "split-K counters must be left at zero"
+    for BX, BY, nw in ((64, 64, 4), (128, 128, 8)):
+        out = torch.full((M, N), float("nan"), device=DEV, dtype=torch.float16)
+        G._launch_fused(a, w, out, res, False, BX, BY, 1, nw, 3)
+        assert_matches(out, a, w, res)
+    if FP8_OK:
+        for tma in (False, True):
+            out = torch.full((M, N), float("nan"), device=DEV, dtype=torch.float16)
+            G._launch_fp8(a, w, out, res, 128, 128, 8, 3, tma=tma)
+            assert_matches(out, a, w, res)
+
+
+@pytest.mark.skipif(not GPU, reason="triton.autotune runs on the GPU only")
+@pytest.mark.parametrize("M", [1, 16, 100, 1024])
+def test_gpu_autotuned_dispatch(M):
+    """w4a4_gemm as the benchmarks call it: autotuned configuration, fp16 out, residual."""
+    a, w = packed_pair(M, 1000, 3968, 128, 128, seed=M)
+    res = torch.randn(M, 1000, device=DEV, dtype=torch.float16)
+    assert_matches(w4a4_gemm(a, w, torch.float16, residual=res), a, w, res)
+    assert int(G._tile_counters(DEV, 1).abs().sum()) == 0
+
+
+def test_rejects_bad_input():
+    a, w = packed_pair(4, 8, 128, 64, 64, seed=0)
+    with pytest.raises(TypeError, match="PackedAtom"):
+        w4a4_gemm(a.q4, w)
+    with pytest.raises(ValueError, match="group_size"):
+        w4a4_gemm(a, PackedAtom(w.q4, w.s4[:, :1].contiguous(), w.q8, w.s8, 128))
+    b, _ = packed_pair(4, 8, 192, 64, 64, seed=0)
+    with pytest.raises(ValueError, match="K=256"):
+        w4a4_gemm(b, w)
+    c, _ = packed_pair(4, 8, 64, 64, 128, seed=0)
+    with pytest.raises(ValueError, match="keeper"):
+        w4a4_gemm(c, w)
+    with pytest.raises(TypeError, match="a.s4 must have dtype torch.float16"):
+        w4a4_gemm(PackedAtom(a.q4, a.s4.float(), a.q8, a.s8, 64), w)
+    with pytest.raises(ValueError, match=r"a.s4 has shape \(4, 1\)"):
+        w4a4_gemm(PackedAtom(a.q4, a.s4[:, :1].contiguous(), a.q8, a.s8, 64), w)
+    with pytest.raises(ValueError, match="residual has shape"):
+        w4a4_gemm(a, w, residual=torch.zeros(8, 4, device=DEV))
+    with pytest.raises(TypeError, match="residual must have dtype"):
+        w4a4_gemm(a, w, residual=torch.zeros(4, 8, device=DEV, dtype=torch.int32))
+    with pytest.raises(TypeError, match="out_dtype"):
+        w4a4_gemm(a, w, torch.int8)
+    with pytest.raises(ValueError, match="contiguous"):
+        w4a4_gemm(PackedAtom(a.q4.repeat(1, 2)[:, ::2], a.s4, a.q8, a.s8, 64), w)
+    with pytest.raises(ValueError, match="non-empty"):
+        w4a4_gemm(PackedAtom(a.q4[:0], a.s4[:0], a.q8[:0], a.s8[:0], 64), w)
+    with pytest.raises(ValueError, match="method"):
+        w4a4_gemm(a, w, method="int2")
+    bad = a.s4.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        w4a4_gemm(PackedAtom(a.q4, bad, a.q8, a.s8, 64), w, check_finite=True)
