@@ -9,12 +9,12 @@ Every token row x [K] goes through, in ONE kernel:
 and each wrapper has a PyTorch `*_ref` beside it, built on kernels.formats.quantize_atom_ref.
 
 Why the kernel looks like this:
-- The reorder is a gather by an arbitrary permutation. A program reads its whole row once, contiguously, into
-  registers, applies f, and reorders with tl.gather, which Triton lowers through shared memory when the row is
-  spread over several warps. Two earlier designs were slower: gathering each element straight from global memory
-  (each warp load touches ~25 cache lines: ~7x below the copy bandwidth on an H100), and a tl.gather on rows laid
-  out inside one warp (compiled to warp shuffles quadratic in K: minutes to compile a 4096-channel row). Rows up
-  to K = 32768 fit (a power-of-two row of float32 in shared memory).
+- The reorder is a gather by an arbitrary permutation, done by the loads themselves: a program walks its row(s) in
+  chunks of CHUNK reordered positions, loads index[chunk] and then x[row, index[chunk]] (for RMSNorm the row was
+  just read contiguously to get its norm, so these loads hit the cache), quantizes whole groups and stores packed
+  bytes. Any K works: chunks are powers of two with masked ragged ends (11008 - 128 = 10880 = 21 x 512 + 128).
+  (tl.gather on a register-resident row was tried first: Triton 3.6-3.9 lays such a gather out warp-locally, with
+  a number of shuffles quadratic in the row length; a 4096-channel row took ~4 minutes to compile.)
 - Quantization matches atom_lab.quant.quantize_symmetric bit for bit: the group max is exact in any order, the
   division is IEEE (tl.math.div_rn: Triton's `/` on fp32 is the approximate div.full.f32 on NVIDIA GPUs), the
   rounding is half-to-even by the 1.5 * 2^23 add/subtract trick after clamping (the interpreter has no libdevice),
@@ -110,7 +110,7 @@ def _quantize_ref(y: torch.Tensor, what: str, group_size: int, keeper: int, clip
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The fused kernel: one program quantizes BLOCK_M whole rows (BLOCK_M = 1 on a GPU)
+# The fused kernel: one program quantizes BLOCK_M whole rows
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _scale_fp16(amax, clip, QMAX: tl.constexpr):
@@ -128,22 +128,22 @@ def _quantize(v, scale_fp16, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _gather_row(y, idx_ptr, start, count, BLOCK_M: tl.constexpr, N: tl.constexpr):
-    """y[:, index[start : start + count]] as [BLOCK_M, N] (zeros past count): the reorder.
-
-    y is the whole row in registers; tl.gather along an axis spread over several warps goes through shared memory
-    (store the row once, coalesced; read it back in the new order), far cheaper than gathering scattered 2-byte
-    elements from global memory, where each warp load touches ~25 cache lines.
-    """
-    pos = tl.arange(0, N)
-    ok = pos < count
-    src = tl.load(idx_ptr + start + pos, mask=ok, other=0)
-    # Gather on the flattened rows: a 1-D gather keeps Triton (3.6 too) on the shared-memory path; a 2-D one
-    # along axis 1 compiled to thousands of warp shuffles.
-    K_P2: tl.constexpr = y.shape[1]
-    flat_src = tl.arange(0, BLOCK_M)[:, None] * K_P2 + src[None, :]
-    v = tl.gather(tl.reshape(y, [BLOCK_M * K_P2]), tl.reshape(flat_src, [BLOCK_M * N]), axis=0)
-    return tl.where(ok[None, :], tl.reshape(v, [BLOCK_M, N]), 0.0)
+def _reordered_values(x_ptr, u_ptr, w_ptr, rows, src, mask, stride_x, stride_u, rstd,
+                      MODE: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """float32 values to quantize at channels `src` (gathered from global memory) of `rows`: [BLOCK_M, n]."""
+    x = tl.load(x_ptr + rows[:, None] * stride_x + src[None, :], mask=mask, other=0.0).to(tl.float32)
+    if MODE == 1:  # RMSNorm: (x * rstd) * w, both products in float32 as in the reference
+        w = tl.load(w_ptr + src).to(tl.float32)  # masked positions hold src = 0, a valid address
+        x = x * rstd[:, None] * w[None, :]
+    elif MODE == 2:  # SiLU(gate) * up; the SiLU in float64, rounded once (module docstring)
+        g = x.to(tl.float64)
+        if LIBDEVICE:  # CUDA libdevice's float64 exp (__nv_exp); the interpreter has numpy's
+            e = libdevice.exp(-g)
+        else:
+            e = tl.exp(-g)
+        up = tl.load(u_ptr + rows[:, None] * stride_u + src[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = (g / (1.0 + e)).to(tl.float32) * up
+    return x
 
 
 @triton.jit
@@ -151,65 +151,69 @@ def _atom_quantize_kernel(
         x_ptr, u_ptr, w_ptr, idx_ptr,             # input rows, `up` rows (MODE 2), norm weight (MODE 1), index [K]
         q4_ptr, s4_ptr, q8_ptr, s8_ptr,           # outputs, contiguous (kernels/formats.py)
         M, K, NORMAL, KEEPER, stride_x, stride_u, eps, clip,
-        MODE: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, K_P2: tl.constexpr, N_P2: tl.constexpr,
+        MODE: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
         KEEP_P2: tl.constexpr, LIBDEVICE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows = rows.to(tl.int64)  # M * K may pass 2^31
 
-    # 1. the whole row, read once and contiguously, through f = RMSNorm | SiLU(gate) * up | identity (float32)
-    cols = tl.arange(0, K_P2)
-    m = row_ok[:, None] & (cols < K)[None, :]
-    y = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    if MODE == 1:  # RMSNorm: rstd in float64, rounded once (module docstring); then (x * rstd) * w in float32
-        y64 = y.to(tl.float64)
-        ms = tl.sum(y64 * y64, axis=1) / K + eps
+    # 1. RMSNorm only: rstd from a contiguous pass over the row, in float64, rounded once (module docstring)
+    rstd = tl.zeros([BLOCK_M], tl.float32)
+    if MODE == 1:
+        acc = tl.zeros([BLOCK_M, CHUNK], tl.float64)
+        for c0 in range(0, K, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            m = row_ok[:, None] & (cols < K)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            x64 = x.to(tl.float64)
+            acc += x64 * x64
+        ms = tl.sum(acc, axis=1) / K + eps
         if LIBDEVICE:  # tl.sqrt is documented as a fast (approximate) sqrt; libdevice's float64 sqrt is IEEE
             root = libdevice.sqrt(ms)
         else:
             root = tl.sqrt(ms)
         rstd = (1.0 / root).to(tl.float32)  # float64 `/` is IEEE (div.rn.f64) on NVIDIA GPUs
-        w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        y = y * rstd[:, None] * w[None, :]
-    elif MODE == 2:  # SiLU(gate) * up; the SiLU in float64, rounded once (module docstring)
-        g = y.to(tl.float64)
-        if LIBDEVICE:  # CUDA libdevice's float64 exp (__nv_exp); the interpreter has numpy's
-            e = libdevice.exp(-g)
-        else:
-            e = tl.exp(-g)
-        up = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        y = (g / (1.0 + e)).to(tl.float32) * up
 
-    # 2. INT4 part: the first NORMAL reordered positions, groups of G, packed per kernels/pack.py (in each block
-    #    of 64, byte j = value j (low nibble) | value j + 32 (high nibble): the halves sit on an axis of size 2,
-    #    so shifting one by 4 and summing over it packs them). N_P2 is a multiple of G and 64; padding groups are
-    #    all zero and masked out of the stores.
-    v = tl.reshape(_gather_row(y, idx_ptr, 0, NORMAL, BLOCK_M, N_P2), [BLOCK_M, N_P2 // G, G])
-    grp = tl.arange(0, N_P2 // G)
-    s4 = _scale_fp16(tl.max(tl.abs(v), axis=2), clip, 7)                     # [BLOCK_M, N_P2 // G]
-    tl.store(s4_ptr + rows[:, None] * (NORMAL // G) + grp[None, :], s4,
-             mask=row_ok[:, None] & (grp < NORMAL // G)[None, :])
-    q = tl.reshape(_quantize(v, s4[:, :, None], 7), [BLOCK_M, N_P2 // 64, 2, 32]).to(tl.int32) & 0xF
+    # 2. INT4 part, CHUNK reordered positions at a time (CHUNK is a multiple of G and of 64, NORMAL of both, so a
+    #    chunk's ragged end covers whole groups and whole 64-blocks, which are masked out of every store)
+    pos = tl.arange(0, CHUNK)
+    grp = tl.arange(0, CHUNK // G)
+    byte = tl.arange(0, CHUNK // 2)
     shift = (tl.arange(0, 2) * 4)[None, None, :, None]
-    packed = tl.reshape(tl.sum(q << shift, axis=2), [BLOCK_M, N_P2 // 2]).to(tl.uint8)
-    byte = tl.arange(0, N_P2 // 2)
-    tl.store(q4_ptr + rows[:, None] * (NORMAL // 2) + byte[None, :], packed,
-             mask=row_ok[:, None] & (byte < NORMAL // 2)[None, :])
+    for c0 in range(0, NORMAL, CHUNK):
+        ok = c0 + pos < NORMAL
+        src = tl.load(idx_ptr + c0 + pos, mask=ok, other=0)
+        v = _reordered_values(x_ptr, u_ptr, w_ptr, rows, src, row_ok[:, None] & ok[None, :], stride_x, stride_u,
+                              rstd, MODE, LIBDEVICE)
+        v = tl.reshape(v, [BLOCK_M, CHUNK // G, G])
+        s4 = _scale_fp16(tl.max(tl.abs(v), axis=2), clip, 7)                  # [BLOCK_M, CHUNK // G]
+        tl.store(s4_ptr + rows[:, None] * (NORMAL // G) + (c0 // G + grp)[None, :], s4,
+                 mask=row_ok[:, None] & (c0 // G + grp < NORMAL // G)[None, :])
+        q = _quantize(v, s4[:, :, None], 7)
+        # pack per kernels/pack.py: in each block of 64, byte j = value j (low nibble) | value j + 32 (high
+        # nibble); the two halves sit on an axis of size 2, so shifting one by 4 and summing over it packs them
+        q = tl.reshape(q, [BLOCK_M, CHUNK // 64, 2, 32]).to(tl.int32) & 0xF
+        packed = tl.reshape(tl.sum(q << shift, axis=2), [BLOCK_M, CHUNK // 2]).to(tl.uint8)
+        tl.store(q4_ptr + rows[:, None] * (NORMAL // 2) + (c0 // 2 + byte)[None, :], packed,
+                 mask=row_ok[:, None] & (c0 // 2 + byte < NORMAL // 2)[None, :])
 
     # 3. INT8 keeper part: the last KEEPER reordered positions, one scale per row, never clipped
     if KEEP_P2 > 0:
-        kv = _gather_row(y, idx_ptr, NORMAL, KEEPER, BLOCK_M, KEEP_P2)
         kk = tl.arange(0, KEEP_P2)
+        k_ok = kk < KEEPER
+        ksrc = tl.load(idx_ptr + NORMAL + kk, mask=k_ok, other=0)
+        km = row_ok[:, None] & k_ok[None, :]
+        kv = _reordered_values(x_ptr, u_ptr, w_ptr, rows, ksrc, km, stride_x, stride_u, rstd, MODE, LIBDEVICE)
+        kv = tl.where(km, kv, 0.0)  # padding must not enter the max
         s8 = _scale_fp16(tl.max(tl.abs(kv), axis=1), 1.0, 127)
         tl.store(s8_ptr + rows, s8, mask=row_ok)
-        tl.store(q8_ptr + rows[:, None] * KEEPER + kk[None, :], _quantize(kv, s8[:, None], 127),
-                 mask=row_ok[:, None] & (kk < KEEPER)[None, :])
+        tl.store(q8_ptr + rows[:, None] * KEEPER + kk[None, :], _quantize(kv, s8[:, None], 127), mask=km)
 
 
-# GPU: one row per program; the warps split the row (which also keeps the gather on the shared-memory path).
-GPU_WARPS = [4, 8, 16]
+# GPU configs: (rows per program, channels per chunk, warps). More rows per program share each read of the index.
+GPU_CONFIGS = [(1, 512, 4), (1, 1024, 4), (1, 1024, 8), (2, 512, 4), (4, 256, 4), (4, 512, 8)]
 _atom_quantize_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": 1}, num_warps=w) for w in GPU_WARPS],
+    configs=[triton.Config({"BLOCK_M": bm, "CHUNK": ch}, num_warps=w) for bm, ch, w in GPU_CONFIGS],
     key=["K", "NORMAL", "KEEPER"],
 )(_atom_quantize_kernel)
 
@@ -224,17 +228,17 @@ def _launch(mode, x2, u2, weight, index, eps, clip, group_size, keeper) -> Packe
     s8 = (torch.empty if keeper else torch.ones)(M, 1, dtype=torch.float16, device=dev)
     args = (x2, x2 if u2 is None else u2, x2 if weight is None else weight, index, q4, s4, q8, s8,
             M, K, normal, keeper, x2.stride(0), x2.stride(0) if u2 is None else u2.stride(0), float(eps), float(clip))
-    meta = dict(MODE=mode, G=group_size, K_P2=triton.next_power_of_2(K),
-                N_P2=max(64, group_size, triton.next_power_of_2(normal)),
-                KEEP_P2=triton.next_power_of_2(keeper) if keeper else 0, LIBDEVICE=not interpreting())
+    meta = dict(MODE=mode, G=group_size, KEEP_P2=triton.next_power_of_2(keeper) if keeper else 0,
+                LIBDEVICE=not interpreting())
     if interpreting():
-        # each program costs ~1 ms whatever its size: few programs of ~2^17 elements each
-        block_m = max(1, min(triton.next_power_of_2(M), (1 << 17) // meta["K_P2"]))
-        _atom_quantize_kernel[(triton.cdiv(M, block_m),)](*args, BLOCK_M=block_m, **meta)
+        # each program and loop step costs ~1 ms whatever its size: few programs, ~2^17 elements per step
+        chunk = max(128, min(4096, triton.next_power_of_2(normal)))
+        block_m = max(1, min(triton.next_power_of_2(M), (1 << 17) // chunk))
+        _atom_quantize_kernel[(triton.cdiv(M, block_m),)](*args, BLOCK_M=block_m, CHUNK=chunk, **meta)
     elif AUTOTUNE:
-        _atom_quantize_tuned[(M,)](*args, **meta)
+        _atom_quantize_tuned[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]),)](*args, **meta)
     else:
-        _atom_quantize_kernel[(M,)](*args, BLOCK_M=1, num_warps=8, **meta)
+        _atom_quantize_kernel[(M,)](*args, BLOCK_M=1, CHUNK=512, num_warps=4, **meta)
     return PackedAtom(q4, s4, q8, s8, group_size)
 
 
@@ -411,14 +415,8 @@ def _check_index(index, K: int, device) -> None:
     _CHECKED_INDEX[id(index)] = (weakref.ref(index), index._version)
 
 
-MAX_K = 32768  # a row of float32 must fit in shared memory for the reorder (tl.gather)
-
-
 def _check_all(x2, index, group_size: int, keeper: int, clip) -> None:
     K = x2.shape[1]
-    if K > MAX_K:
-        raise ValueError(f"x has K={K} channels; the fused quantizers take rows of at most {MAX_K} channels "
-                         "(the reorder stages a whole row in shared memory). Split the layer's input dimension.")
     check_atom_shape(K, keeper, group_size)
     _check_clip(clip)
     _check_index(index, K, x2.device)
