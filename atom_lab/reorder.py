@@ -116,3 +116,38 @@ def reorder_linear(linear: torch.nn.Linear, index: torch.Tensor) -> torch.nn.Lin
         if linear.bias is not None:
             new.bias.copy_(linear.bias)
     return new.train(linear.training)
+
+
+def permute_linear_outputs(linear: torch.nn.Linear, index: torch.Tensor) -> torch.nn.Linear:
+    """A new nn.Linear whose output channels (weight rows, bias entries) are permuted: new(x) == linear(x)[..., index].
+
+    Why: down_proj reads silu(gate(x)) * up(x), an elementwise product, so permuting the rows of gate_proj and
+    up_proj offline hands down_proj its input already reordered: no gather at all at run time.
+    linear: weight [N, K]; index: LongTensor [N].
+    """
+    if not isinstance(linear, torch.nn.Linear):
+        raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}.")
+    check_permutation(index, linear.out_features)
+    w = linear.weight
+    new = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w[index.to(w.device)])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias[index.to(w.device)])
+    return new.train(linear.training)
+
+
+def rmsnorm_reorder_ref(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, eps: float) -> torch.Tensor:
+    """Reference of a fused RMSNorm + reorder: rmsnorm(x)[..., index] in one pass over x.
+
+    The mean of x^2 does not depend on channel order, so a kernel that already reads the whole row for the norm
+    can write output channel i from input channel index[i]: the gather costs no extra memory traffic.
+    x: [..., C] any float dtype; weight: [C] (the norm's gamma); index: LongTensor [C]. Returns x's dtype, [..., C],
+    computed like transformers' LlamaRMSNorm (float32 inside).
+    """
+    check_permutation(index, x.shape[-1])
+    xf = x.float()
+    inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    idx = index.to(x.device)
+    return weight[idx] * (xf[..., idx] * inv_rms).to(x.dtype)

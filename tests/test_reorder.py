@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import atom_lab
-from atom_lab.reorder import (check_keeper, inverse_permutation, outlier_channels, reorder_activation, reorder_index,
-                              reorder_linear)
+from atom_lab.reorder import (check_keeper, inverse_permutation, outlier_channels, permute_linear_outputs,
+                              reorder_activation, reorder_index, reorder_linear, rmsnorm_reorder_ref)
 from atom_lab.stats import ChannelStats
 
 
@@ -104,3 +104,27 @@ def test_bad_index_is_a_clear_error():
         reorder_activation(torch.ones(2, 4), torch.arange(4).int())
     with pytest.raises(TypeError, match="nn.Linear"):
         reorder_linear(torch.nn.Conv1d(4, 2, 1), torch.arange(4))
+
+
+def test_rmsnorm_with_fused_gather_matches_norm_then_gather(tiny):
+    """The gather can live inside the RMSNorm kernel: same numbers as norm-then-gather, bit for bit."""
+    arch, model, _ = tiny
+    norm = model.model.layers[0].input_layernorm
+    x = torch.randn(3, 5, norm.weight.numel(), generator=torch.Generator().manual_seed(2)) * 4
+    idx = torch.randperm(x.shape[-1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(rmsnorm_reorder_ref(x, norm.weight, idx, norm.variance_epsilon), norm(x)[..., idx]), arch
+
+
+def test_permuting_gate_and_up_rows_reorders_down_proj_input():
+    """For down_proj no gather is needed: permute gate/up output rows offline and its input arrives reordered."""
+    model, _ = atom_lab.tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(4))
+    idx = torch.randperm(640, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))[:, idx]
+        gate, up = permute_linear_outputs(mlp.gate_proj, idx), permute_linear_outputs(mlp.up_proj, idx)
+        assert torch.equal(mlp.act_fn(gate(x)) * up(x), want)
+        down = reorder_linear(mlp.down_proj, idx)
+        torch.testing.assert_close(down(mlp.act_fn(gate(x)) * up(x)), mlp(x), rtol=1e-5, atol=1e-6)
