@@ -8,7 +8,7 @@ which values share a scale:
     per-group    groups of `group_size` consecutive input channels, per row (Atom's format)
 With keeper > 0 the LAST `keeper` input channels (the outliers, after reordering) are quantized separately at
 `keeper_bits` with one scale per row, as in Atom's packed format (kernels/formats.py); the other K - keeper
-channels use the chosen granularity. The error is relative, in float64: ||y_q - y||_F / ||y||_F (bias left out).
+channels use the chosen granularity. The error is relative: ||y_q - y||_F / ||y||_F (bias left out), products in float32, norms in float64.
 """
 from __future__ import annotations
 
@@ -26,13 +26,16 @@ WEIGHT_GRANULARITY = {"per-tensor": "per-tensor", "per-channel": "per-channel", 
                       "per-group": "per-group"}
 
 
-def _check_setting(x: torch.Tensor, bits, granularity: str, group_size, keeper: int, name: str) -> None:
+def _check_values(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError(f"{name} must be a floating-point tensor [..., K], got {getattr(x, 'dtype', type(x))}.")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one row.")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf; quantization needs finite values (check the model's dtype).")
+
+
+def _check_setting(x: torch.Tensor, bits, granularity: str, group_size, keeper: int, name: str) -> None:
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is unknown; use one of {', '.join(GRANULARITIES)}.")
     K = x.shape[-1]
@@ -72,6 +75,12 @@ def fake_quantize(x: torch.Tensor, bits: int = 4, granularity: str = "per-group"
     Returns:
         float tensor of x's shape and dtype.
     """
+    _check_values(x, "weight" if weight else "x")
+    return _fake_quantize(x, bits, granularity, group_size, keeper, keeper_bits, clip, weight)
+
+
+def _fake_quantize(x, bits, granularity, group_size, keeper, keeper_bits, clip, weight) -> torch.Tensor:
+    """fake_quantize without the finite-values check (sweeps check the values once, not once per setting)."""
     _check_setting(x, bits, granularity, group_size, keeper, "weight" if weight else "x")
     rows = x.reshape(-1, x.shape[-1]).float()
     K = rows.shape[1]
@@ -92,6 +101,33 @@ def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
     return float(num / den) if den > 0 else float(num)
 
 
+def _prepare(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None):
+    """Reorder x [T, K] and weight [N, K] by index; return both in float32 on x's device, and x W^T."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or x.dim() != 2 or weight.dim() != 2 \
+            or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x [T, K] and weight [N, K] must be 2-D tensors sharing K; got x "
+                         f"{tuple(getattr(x, 'shape', ()))}, weight {tuple(getattr(weight, 'shape', ()))}.")
+    _check_values(x, "x")
+    _check_values(weight, "weight")
+    if index is not None:
+        check_permutation(index, x.shape[1])
+        x, weight = x[:, index.to(x.device)], weight[:, index.to(weight.device)]
+    xf, wf = x.float(), weight.detach().float().to(x.device)
+    # float32 products: their rounding (~1e-6 relative) is far below any quantization error measured here.
+    return xf, wf, xf @ wf.t()
+
+
+def _quantized_error(xf, wf, y_ref, a_bits, w_bits, granularity, group_size, keeper, keeper_bits, a_clip, w_clip,
+                     w_granularity) -> float:
+    wg = w_granularity or WEIGHT_GRANULARITY.get(granularity, granularity)
+    xq = xf if a_bits is None else _fake_quantize(xf, a_bits, granularity, group_size, keeper, keeper_bits, a_clip,
+                                                  False)
+    wq = wf if w_bits is None else _fake_quantize(wf, w_bits, wg, group_size, keeper, keeper_bits, w_clip, True)
+    if a_bits is None and w_bits is None:
+        check_keeper(keeper, xf.shape[1])
+    return relative_error(xq @ wq.t(), y_ref)
+
+
 def matmul_error(x: torch.Tensor, weight: torch.Tensor, a_bits: int | None = 4, w_bits: int | None = 4,
                  granularity: str = "per-group", group_size: int | None = 128, keeper: int = 0,
                  index: torch.Tensor | None = None, keeper_bits: int = 8, a_clip: float = 1.0, w_clip: float = 1.0,
@@ -100,7 +136,7 @@ def matmul_error(x: torch.Tensor, weight: torch.Tensor, a_bits: int | None = 4, 
 
     Args:
         x: float activation [T, K] (e.g. ChannelStats.samples), in the layer's original channel order.
-        weight: float [N, K] (nn.Linear.weight).
+        weight: float [N, K] (nn.Linear.weight); moved to x's device.
         a_bits / w_bits: bits of the normal channels of activations / weights; None keeps that side in float.
         granularity: the activations' granularity; the weights use WEIGHT_GRANULARITY[granularity] unless
             w_granularity says otherwise.
@@ -110,28 +146,20 @@ def matmul_error(x: torch.Tensor, weight: torch.Tensor, a_bits: int | None = 4, 
     Returns:
         ||Q(x) Q(W)^T - x W^T||_F / ||x W^T||_F as a float.
     """
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x [T, K] and weight [N, K] must share K; got x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}.")
-    K = x.shape[1]
-    if index is not None:
-        check_permutation(index, K)
-        x, weight = x[:, index.to(x.device)], weight[:, index.to(weight.device)]
-    xf, wf = x.float(), weight.detach().float().to(x.device)
-    wg = w_granularity or WEIGHT_GRANULARITY.get(granularity, granularity)
-    xq = xf if a_bits is None else fake_quantize(xf, a_bits, granularity, group_size, keeper, keeper_bits, a_clip)
-    wq = wf if w_bits is None else fake_quantize(wf, w_bits, wg, group_size, keeper, keeper_bits, w_clip,
-                                                 weight=True)
-    if a_bits is None and w_bits is None:
-        check_keeper(keeper, K)
-    return relative_error(xq.double() @ wq.double().t(), xf.double() @ wf.double().t())
+    xf, wf, y_ref = _prepare(x, weight, index)
+    return _quantized_error(xf, wf, y_ref, a_bits, w_bits, granularity, group_size, keeper, keeper_bits, a_clip,
+                            w_clip, w_granularity)
 
 
 def keeper_sweep(x: torch.Tensor, weight: torch.Tensor, keepers: Iterable[int], index: torch.Tensor | None,
-                 **setting) -> torch.Tensor:
-    """matmul_error for each keeper count: float64 [len(keepers)]. setting: matmul_error's keyword arguments."""
-    return torch.tensor([matmul_error(x, weight, keeper=k, index=index, **setting) for k in keepers],
-                        dtype=torch.float64)
+                 a_bits: int | None = 4, w_bits: int | None = 4, granularity: str = "per-group",
+                 group_size: int | None = 128, keeper_bits: int = 8, a_clip: float = 1.0, w_clip: float = 1.0,
+                 w_granularity: str | None = None) -> torch.Tensor:
+    """matmul_error at each keeper count (x, weight and index as there): float64 [len(keepers)].
+    Reorders and computes the float product once for the whole sweep."""
+    xf, wf, y_ref = _prepare(x, weight, index)
+    return torch.tensor([_quantized_error(xf, wf, y_ref, a_bits, w_bits, granularity, group_size, k, keeper_bits,
+                                          a_clip, w_clip, w_granularity) for k in keepers], dtype=torch.float64)
 
 
 def valid_keepers(K: int, group_size: int | None, granularity: str, upto: int = 256, step: int = 16) -> list[int]:
@@ -222,3 +250,49 @@ def bytes_table(shapes: Sequence[tuple[str, int, int]], keepers: Sequence[int], 
                              vs_fp16=b / (2 * N * K)))
     return pd.DataFrame(rows)
 
+
+
+def keeper_sweeps(model: torch.nn.Module, calibration: dict[str, ChannelStats], evaluation: dict[str, ChannelStats],
+                  names: Sequence[str], keepers: Sequence[int], orderings: Sequence[str] = ("hessian", "max", "none"),
+                  **setting) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """Error vs keeper count of several linear layers, for several channel orderings.
+
+    The order comes from the calibration statistics, the error is measured on evaluation.samples (e.g. held-out
+    text), so the outlier channels are picked and tested on different tokens.
+    Args:
+        names: linear layer names (keys of both stats dicts).
+        orderings: "hessian" / "max" (reorder_index metric) or "none" (keep the last channels as they are).
+        setting: matmul_error's keyword arguments other than keeper and index.
+    Returns:
+        {name: {ordering: (keepers, errors)}}, the format viz.keeper_error_plot and viz.keeper_explorer draw.
+    """
+    out = {}
+    for name in names:
+        if name not in calibration or name not in evaluation:
+            raise KeyError(f"{name!r} is missing from the statistics; pass names of linear layers that "
+                           "collect_stats hooked (e.g. from atom_lab.linear_names(model)).")
+        weight = model.get_submodule(name).weight
+        x = evaluation[name].samples
+        curves = {}
+        for order in orderings:
+            if order not in ("hessian", "max", "none"):
+                raise ValueError(f"ordering {order!r} is unknown; use 'hessian', 'max' or 'none'.")
+            index = None if order == "none" else reorder_index(calibration[name], order)
+            curves[order] = (list(keepers), keeper_sweep(x, weight, keepers, index, **setting).tolist())
+        out[name] = curves
+    return out
+
+
+def average_sweeps(sweeps: dict[str, dict[str, tuple[list[int], list[float]]]]
+                   ) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """Mean error over layers of the same module kind: {kind: {ordering: (keepers, mean errors)}}."""
+    groups: dict[str, list] = {}
+    for name, curves in sweeps.items():
+        groups.setdefault(module_kind(name), []).append(curves)
+    out = {}
+    for kind, items in groups.items():
+        out[kind] = {}
+        for order, (ks, _) in items[0].items():
+            errs = torch.tensor([c[order][1] for c in items], dtype=torch.float64).mean(0)
+            out[kind][order] = (list(ks), errs.tolist())
+    return out

@@ -147,10 +147,13 @@ class _Accumulator:
 
 
 def _sums(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # MPS has no float64; elsewhere accumulate in float64 so a million tokens of x^2 ~ 1e6 do not lose digits.
-    acc = rows.double() if rows.device.type != "mps" else rows.float().cpu().double()
-    a = acc.abs()
-    return (acc * acc).sum(0), a.sum(0), a.amax(0)
+    """Per-channel sum x^2, sum |x| (float64, so a million tokens of x^2 ~ 1e6 keep their digits) and max |x|
+    (exact in any dtype) of rows [T, C]. vector_norm casts on the fly: no float64 copy of the activations."""
+    if rows.device.type == "mps":  # no float64 on MPS
+        rows = rows.cpu()
+    norm = torch.linalg.vector_norm
+    return (norm(rows, 2, dim=0, dtype=torch.float64).square(), norm(rows, 1, dim=0, dtype=torch.float64),
+            norm(rows, float("inf"), dim=0).double())
 
 
 @torch.no_grad()

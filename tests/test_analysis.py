@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import atom_lab
-from atom_lab.analysis import (atom_row_bytes, bytes_table, fake_quantize, keeper_sweep, layer_error, matmul_error,
-                               outlier_consistency, outlier_table, relative_error, valid_keepers)
+from atom_lab.analysis import (atom_row_bytes, average_sweeps, bytes_table, fake_quantize, keeper_sweep, keeper_sweeps,
+                               layer_error, matmul_error, outlier_consistency, outlier_table, relative_error,
+                               valid_keepers)
 from atom_lab.kernels import quantize_atom_ref
 from atom_lab.quant import fake_quantize_symmetric
 
@@ -106,7 +107,7 @@ def test_bad_settings_are_clear_errors():
         matmul_error(x, w, keeper=128, group_size=128)
     with pytest.raises(ValueError, match="granularity='per-row' is unknown"):
         fake_quantize(x, granularity="per-row")
-    with pytest.raises(ValueError, match="must share K"):
+    with pytest.raises(ValueError, match="must be 2-D tensors sharing K"):
         matmul_error(x, w[:, :512])
     with pytest.raises(ValueError, match="NaN or inf"):
         fake_quantize(torch.tensor([[1.0, float("nan")]]), granularity="per-token")
@@ -127,3 +128,27 @@ def test_layer_error_bad_names():
         layer_error(model, stats, "model.layers.0.residual")
     with pytest.raises(ValueError, match="keeper=700 is larger than the channel count 256"):
         layer_error(model, stats, "model.layers.0.self_attn.q_proj", keeper=700)
+
+
+def test_keeper_sweeps_and_average():
+    model, tok = atom_lab.tiny_model("qwen2")
+    texts = [f"Calibration sentence {i} with digits {i * 97}." for i in range(10)]
+    calib = atom_lab.collect_stats(model, tok, texts, n_tokens=256, seq_len=128, progress=False)
+    held = atom_lab.collect_stats(model, tok, texts[::-1], n_tokens=128, seq_len=128, progress=False)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    sweeps = keeper_sweeps(model, calib, held, names, [0, 64, 128], granularity="per-token", w_bits=None)
+    assert set(sweeps) == set(names) and set(sweeps[names[0]]) == {"hessian", "max", "none"}
+    ks, errs = sweeps[names[1]]["hessian"]
+    idx = atom_lab.reorder_index(calib[names[1]])
+    w = model.get_submodule(names[1]).weight
+    assert ks == [0, 64, 128] and errs[1] == matmul_error(held[names[1]].samples, w, w_bits=None,
+                                                          granularity="per-token", keeper=64, index=idx)
+    assert errs[1] < errs[0]  # the tiny models' scaled norm channels are real outliers
+    avg = average_sweeps(sweeps)
+    assert set(avg) == {"q_proj", "down_proj"}
+    want = (sweeps[names[0]]["max"][1][2] + sweeps[names[1]]["max"][1][2]) / 2
+    assert avg["q_proj"]["max"][1][2] == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="ordering 'random' is unknown"):
+        keeper_sweeps(model, calib, held, names[:1], [0], orderings=("random",))
+    with pytest.raises(KeyError, match="missing from the statistics"):
+        keeper_sweeps(model, calib, held, ["model.layers.0.mlp"], [0])
