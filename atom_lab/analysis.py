@@ -8,7 +8,8 @@ which values share a scale:
     per-group    groups of `group_size` consecutive input channels, per row (Atom's format)
 With keeper > 0 the LAST `keeper` input channels (the outliers, after reordering) are quantized separately at
 `keeper_bits` with one scale per row, as in Atom's packed format (kernels/formats.py); the other K - keeper
-channels use the chosen granularity. The error is relative: ||y_q - y||_F / ||y||_F (bias left out), products in float32, norms in float64.
+channels use the chosen granularity. The error is relative: ||y_q - y||_F / ||y||_F (bias left out), products
+in float32, norms in float64.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ magma colour maps). Explorers take precomputed data, so a redraw is only drawing
 """
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -228,6 +229,26 @@ def _widgets():
     return ipywidgets, display
 
 
+def _live_figure(widgets, controls: dict, draw):
+    """An Image widget redrawn as PNG whenever a control changes: draw(**values) -> Figure.
+
+    A plain Image (no Output widget capturing display calls) keeps headless runs (nbval, nbconvert) simple and
+    works the same in JupyterLab, Notebook and Colab."""
+    image = widgets.Image(format="png")
+
+    def redraw(_change=None):
+        fig = draw(**{k: w.value for k, w in controls.items()})
+        if fig is not None:
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=DPI)
+            image.value = buf.getvalue()
+
+    for w in controls.values():
+        w.observe(redraw, names="value")
+    redraw()
+    return image
+
+
 def draw_tokens(stats: ChannelStats, title: str, tokens: tuple[int, int] = (0, 64), keeper: int = 16,
                 metric: str = "hessian", index: torch.Tensor | None = None) -> Figure:
     """|x| over a token range (heatmap) and per-channel max over those tokens, with the top `keeper` channels
@@ -274,17 +295,17 @@ def outlier_explorer(stats: Mapping[str, ChannelStats], blocks_name: str, keeper
     keeper_w = widgets.IntSlider(value=16, min=0, max=keepers, step=8, description="keeper",
                                  continuous_update=False)
 
-    def redraw(module, layer, tokens, keeper):
+    def draw(module, layer, tokens, keeper):
         if layer not in layers[module]:
-            return
+            return None
         key = layers[module][layer]
         if tokens[1] <= tokens[0]:
             tokens = (tokens[0], tokens[0] + 1)
-        display(draw_tokens(stats[key], f"{key}: {INPUT_OF.get(module, module)}", tokens,
-                            min(keeper, stats[key].channels), index=index[key]))
+        return draw_tokens(stats[key], f"{key}: {INPUT_OF.get(module, module)}", tokens,
+                           min(keeper, stats[key].channels), index=index[key])
 
-    out = widgets.interactive_output(redraw, dict(module=module_w, layer=layer_w, tokens=tokens_w, keeper=keeper_w))
-    ui = widgets.VBox([widgets.HBox([module_w, layer_w]), widgets.HBox([tokens_w, keeper_w]), out])
+    image = _live_figure(widgets, dict(module=module_w, layer=layer_w, tokens=tokens_w, keeper=keeper_w), draw)
+    ui = widgets.VBox([widgets.HBox([module_w, layer_w]), widgets.HBox([tokens_w, keeper_w]), image])
     display(ui)
     return ui
 
@@ -332,12 +353,12 @@ def keeper_explorer(sweeps: Mapping[str, Mapping[str, tuple[Sequence[int], Seque
     keeper_w = widgets.IntSlider(value=128, min=0, max=max_keeper, step=16, description="keeper",
                                  continuous_update=False)
 
-    def redraw(name, keeper):
-        display(draw_keeper(sweeps[name], stats[name].mean_sq, min(keeper, stats[name].channels),
-                            f"{name}: {INPUT_OF.get(module_kind(name), '')}"))
+    def draw(name, keeper):
+        return draw_keeper(sweeps[name], stats[name].mean_sq, min(keeper, stats[name].channels),
+                           f"{name}: {INPUT_OF.get(module_kind(name), '')}")
 
-    out = widgets.interactive_output(redraw, dict(name=name_w, keeper=keeper_w))
-    ui = widgets.VBox([widgets.HBox([name_w, keeper_w]), out])
+    image = _live_figure(widgets, dict(name=name_w, keeper=keeper_w), draw)
+    ui = widgets.VBox([widgets.HBox([name_w, keeper_w]), image])
     display(ui)
     return ui
 

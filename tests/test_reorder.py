@@ -83,7 +83,7 @@ def test_reordered_layer_inside_a_model_keeps_the_logits():
     """Swap a tiny model's down_proj for its reordered copy, gather its input with a pre-hook: same logits."""
     model, tok = atom_lab.tiny_model("mistral")
     text = ["Reordering is free: the sum over channels does not care about their order."]
-    ids = tok(text, return_tensors="pt").input_ids
+    ids = tok(text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     stats = atom_lab.collect_stats(model, tok, text, n_tokens=ids.shape[1], seq_len=ids.shape[1], progress=False)
     idx = reorder_index(stats["model.layers.1.mlp.down_proj"])
     with torch.no_grad():
@@ -110,8 +110,8 @@ def test_rmsnorm_with_fused_gather_matches_norm_then_gather(tiny):
     """The gather can live inside the RMSNorm kernel: same numbers as norm-then-gather, bit for bit."""
     arch, model, _ = tiny
     norm = model.model.layers[0].input_layernorm
-    x = torch.randn(3, 5, norm.weight.numel(), generator=torch.Generator().manual_seed(2)) * 4
-    idx = torch.randperm(x.shape[-1], generator=torch.Generator().manual_seed(3))
+    x = (torch.randn(3, 5, norm.weight.numel(), generator=torch.Generator().manual_seed(2)) * 4).to(norm.weight.device)
+    idx = torch.randperm(x.shape[-1], generator=torch.Generator().manual_seed(3)).to(x.device)
     with torch.no_grad():
         assert torch.equal(rmsnorm_reorder_ref(x, norm.weight, idx, norm.variance_epsilon), norm(x)[..., idx]), arch
 
@@ -120,8 +120,8 @@ def test_permuting_gate_and_up_rows_reorders_down_proj_input():
     """For down_proj no gather is needed: permute gate/up output rows offline and its input arrives reordered."""
     model, _ = atom_lab.tiny_model("llama")
     mlp = model.model.layers[0].mlp
-    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(4))
-    idx = torch.randperm(640, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(4)).to(mlp.up_proj.weight.device)
+    idx = torch.randperm(640, generator=torch.Generator().manual_seed(5)).to(x.device)
     with torch.no_grad():
         want = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))[:, idx]
         gate, up = permute_linear_outputs(mlp.gate_proj, idx), permute_linear_outputs(mlp.up_proj, idx)

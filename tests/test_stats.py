@@ -17,18 +17,20 @@ def _direct(model, tok, texts, n_tokens, seq_len):
     output_hidden_states instead of hooks, so the streaming sums are checked against a different route."""
     ids = tok("\n\n".join(texts), return_tensors="pt").input_ids[0][:n_tokens]
     blocks = decoder_layers(model)
+    device = next(model.parameters()).device
     seen, hidden = {}, {}
 
     def keep(name):
-        return lambda mod, args, out: seen.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        return lambda mod, args, out: seen.setdefault(name, []).append(
+            args[0].detach().reshape(-1, args[0].shape[-1]).cpu())
 
     handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules()
                if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         for start in range(0, ids.numel(), seq_len):
-            out = model(ids[start: start + seq_len].unsqueeze(0), output_hidden_states=True, use_cache=False)
+            out = model(ids[start: start + seq_len].unsqueeze(0).to(device), output_hidden_states=True, use_cache=False)
             for i in range(len(blocks)):  # hidden_states[i] is the input of block i
-                hidden.setdefault(f"model.layers.{i}.residual", []).append(out.hidden_states[i][0])
+                hidden.setdefault(f"model.layers.{i}.residual", []).append(out.hidden_states[i][0].cpu())
     for h in handles:
         h.remove()
     return {k: torch.cat(v).double() for k, v in (seen | hidden).items()}, ids.numel()
@@ -51,15 +53,17 @@ def test_stats_match_direct_computation(tiny):
         torch.testing.assert_close(s.samples, x[:KEEP].float(), rtol=0, atol=0)
     # q_proj reads the normed residual stream: checks the hook on the block input is the right tensor.
     blk = decoder_layers(model)[1]
-    normed = blk.input_layernorm(direct["model.layers.1.residual"][:KEEP].float())
-    torch.testing.assert_close(stats["model.layers.1.self_attn.q_proj"].samples, normed, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        h = direct["model.layers.1.residual"][:KEEP].float()
+        normed = blk.input_layernorm(h.to(blk.input_layernorm.weight.device))
+    torch.testing.assert_close(stats["model.layers.1.self_attn.q_proj"].samples, normed.cpu(), rtol=1e-5, atol=1e-6)
 
 
 def test_tiny_models_show_outlier_channels(tiny):
     """tiny_model scales 1/64 of the norm weights by 20: the q_proj inputs must show those channels as outliers."""
     arch, model, tok = tiny
     s = collect_stats(model, tok, TEXTS, n_tokens=128, seq_len=128, progress=False)["model.layers.0.self_attn.q_proj"]
-    scaled = (decoder_layers(model)[0].input_layernorm.weight.abs() > 5).nonzero().flatten()
+    scaled = (decoder_layers(model)[0].input_layernorm.weight.abs() > 5).nonzero().flatten().cpu()
     top = atom_lab.reorder_index(s)[-scaled.numel():]
     assert set(top.tolist()) == set(scaled.tolist()), arch
     assert s.outlier_ratio() > 5

@@ -62,12 +62,19 @@ def test_explorers_build_and_redraw_headless(tiny_stats):
     ui = viz.outlier_explorer(stats, "model.layers")
     module_w, layer_w = ui.children[0].children
     tokens_w, keeper_w = ui.children[1].children
-    module_w.value, layer_w.value, tokens_w.value, keeper_w.value = "down_proj", 1, (10, 40), 64
+    image = ui.children[2]
+    seen = [image.value]
+    for w, v in [(module_w, "down_proj"), (layer_w, 1), (tokens_w, (10, 40)), (keeper_w, 64)]:
+        w.value = v
+        assert image.value[:8] == b"\x89PNG\r\n\x1a\n" and image.value not in seen  # a new drawing each time
+        seen.append(image.value)
     names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
     sweeps = keeper_sweeps(model, stats, stats, names, [0, 16, 32], granularity="per-token", w_bits=None)
     ui2 = viz.keeper_explorer(sweeps, stats)
     name_w, keeper_w2 = ui2.children[0].children
+    first = ui2.children[1].value
     name_w.value, keeper_w2.value = names[1], 32
+    assert ui2.children[1].value != first
 
 
 def test_bad_input(tiny_stats):
