@@ -77,22 +77,26 @@ def outlier_ratio_by_layer(table, modules: Sequence[str] | None = None) -> Figur
 
 
 def channel_heatmap(stats: Mapping[str, ChannelStats], blocks_name: str, module: str = "q_proj",
-                    statistic: str = "max_abs") -> Figure:
+                    statistic: str = "max_abs", max_cols: int = 320) -> Figure:
     """Per-layer channel magnitudes: rows = layers, columns = input channels, colour = log10 of the statistic.
 
-    statistic: "max_abs", "mean_sq" or "mean_abs" (a ChannelStats field)."""
+    statistic: "max_abs", "mean_sq" or "mean_abs" (a ChannelStats field). More than max_cols channels are
+    max-pooled into blocks (said in the axis label) so a single outlier channel stays visible."""
     if statistic not in ("max_abs", "mean_sq", "mean_abs"):
         raise ValueError(f"statistic={statistic!r} is unknown; use 'max_abs', 'mean_sq' or 'mean_abs'.")
     keys = by_layer(stats, blocks_name, module)
     grid = torch.stack([getattr(stats[k], statistic) for k in keys.values()]).clamp_min(1e-8).log10().numpy()
+    C = grid.shape[1]
+    # A screen has fewer pixels than a layer has channels: max-pool so single-channel spikes are not skipped.
+    grid, _, fc = _pool_max(grid, grid.shape[0], max_cols)
     fig = _figure(8, 3.4)
     ax = fig.add_subplot()
     # The colour range starts at the 1st percentile: a few near-zero channels would otherwise wash out the rest.
     im = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest", vmin=float(np.percentile(grid, 1)),
-                   vmax=float(grid.max()), extent=(-0.5, grid.shape[1] - 0.5, max(keys) + 0.5, min(keys) - 0.5))
+                   vmax=float(grid.max()), extent=(-0.5, C - 0.5, max(keys) + 0.5, min(keys) - 0.5))
     label = {"max_abs": "max |x|", "mean_sq": "mean x²", "mean_abs": "mean |x|"}[statistic]
     fig.colorbar(im, ax=ax, label=f"log10 {label}")
-    ax.set_xlabel("input channel")
+    ax.set_xlabel("input channel" + (f" (max over blocks of {fc})" if fc > 1 else ""))
     ax.set_ylabel("decoder layer")
     ax.set_title(f"{label} per channel: {INPUT_OF.get(module, module)}")
     return fig
@@ -102,7 +106,7 @@ def _pool_max(a: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, int, int
     """Max-pool a 2-D array to at most rows x cols, so a downsampled picture keeps its outliers."""
     fr, fc = -(-a.shape[0] // rows), -(-a.shape[1] // cols)
     pr, pc = -a.shape[0] % fr, -a.shape[1] % fc
-    a = np.pad(a, ((0, pr), (0, pc)))
+    a = np.pad(a, ((0, pr), (0, pc)), constant_values=a.min())  # padding must never win a block's max
     return a.reshape(a.shape[0] // fr, fr, a.shape[1] // fc, fc).max(axis=(1, 3)), fr, fc
 
 
@@ -261,9 +265,11 @@ def draw_tokens(stats: ChannelStats, title: str, tokens: tuple[int, int] = (0, 6
     top = index[index.numel() - keeper:] if keeper else index[:0]
     fig = _figure(9, 4.2)
     ax1, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
-    im = ax1.imshow(x.clamp_min(1e-4).log10().numpy(), aspect="auto", cmap="magma", interpolation="nearest",
-                    extent=(-0.5, x.shape[1] - 0.5, hi - 0.5, lo - 0.5))
-    fig.colorbar(im, ax=ax1, label="log10 |x|", pad=0.01)
+    # Max-pool wide layers (down_proj: 1536 channels) so a single outlier channel is not skipped on screen.
+    heat, _, fc = _pool_max(x.clamp_min(1e-4).log10().numpy(), x.shape[0], 400)
+    im = ax1.imshow(heat, aspect="auto", cmap="magma", interpolation="nearest",
+                    extent=(-0.5, x.shape[1] - 0.5, lo + x.shape[0] - 0.5, lo - 0.5))
+    fig.colorbar(im, ax=ax1, label="log10 |x|" + (f", max over {fc} channels" if fc > 1 else ""), pad=0.01)
     ax1.set_ylabel("token")
     ax1.set_title(title, fontsize=10)
     m = x.amax(0)

@@ -35,7 +35,10 @@ def test_figures(tiny_stats):
     q = "model.layers.1.self_attn.q_proj"
     _labelled(viz.outlier_ratio_by_layer(outlier_table(stats, "model.layers"), ["residual", "q_proj", "down_proj"]))
     fig = _labelled(viz.channel_heatmap(stats, "model.layers", "down_proj"))
-    assert fig.axes[0].images[0].get_array().shape == (2, 640)  # layers x channels
+    assert fig.axes[0].images[0].get_array().shape == (2, 320)  # layers x channels, max-pooled by 2
+    assert "max over blocks of 2" in fig.axes[0].get_xlabel()
+    fig = viz.channel_heatmap(stats, "model.layers", "q_proj")
+    assert fig.axes[0].images[0].get_array().shape == (2, 256)
     _labelled(viz.activation_surface(stats[q].samples, "q_proj input"))
     _labelled(viz.magnitude_distributions(stats[q].samples, model.get_submodule(q).weight, "q_proj"))
     sweeps = keeper_sweeps(model, stats, stats, [q], [0, 64], granularity="per-token", w_bits=None)
@@ -55,6 +58,8 @@ def test_surface_pooling_keeps_the_outlier():
     assert 42.0 <= fig.axes[0].get_zlim()[1] < 50  # the spike's height survives downsampling
     pooled, fr, fc = viz._pool_max(a.abs().numpy(), 64, 100)
     assert pooled.shape == (60, 100) and (fr, fc) == (5, 10) and pooled.max() == 42.0 and pooled.sum() == 42.0
+    neg, _, _ = viz._pool_max(-torch.arange(1.0, 8.0).reshape(1, 7).numpy(), 1, 3)  # 7 columns -> 3 blocks
+    assert neg.tolist() == [[-1.0, -4.0, -7.0]]  # the padded last block keeps its own max
 
 
 def test_explorers_build_and_redraw_headless(tiny_stats):
