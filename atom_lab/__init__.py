@@ -6,7 +6,10 @@ interpreter, which only works when chosen before triton's first import (see atom
 from atom_lab._runtime import INTERPRET, default_device, environment  # noqa: I001  (must run first)
 from atom_lab.data import CORPORA, load_corpus
 from atom_lab.eval import eval_windows, perplexity
+from atom_lab.analysis import keeper_sweep, layer_error, matmul_error
 from atom_lab.models import MODELS, TINY_ARCHS, cache_dir, load_model, tiny_model
+from atom_lab.reorder import outlier_channels, reorder_activation, reorder_index, reorder_linear
+from atom_lab.stats import ChannelStats, collect_stats, decoder_layers, decoder_layers_name, linear_names
 
 __version__ = "0.1.0"
 
@@ -37,4 +40,7 @@ __all__ = [
     "CORPORA", "load_corpus",
     "eval_windows", "perplexity",
     "MODELS", "TINY_ARCHS", "cache_dir", "load_model", "tiny_model",
+    "keeper_sweep", "layer_error", "matmul_error",
+    "ChannelStats", "collect_stats", "decoder_layers", "decoder_layers_name", "linear_names",
+    "outlier_channels", "reorder_activation", "reorder_index", "reorder_linear",
 ]
