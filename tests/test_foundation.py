@@ -129,3 +129,13 @@ def test_smollm2_perplexity_plausible(smollm2, corpus):
     model, tok = smollm2
     ppl = atom_lab.perplexity(model, tok, corpus["test"]["text"], seq_len=512, max_windows=4, progress=False)
     assert 5.0 < ppl < 40.0
+
+
+def test_repo_root_kernels_folder_does_not_shadow(tmp_path):
+    """From the repository root, kernels/ is importable as a top-level `kernels`, the name of a PyPI package that
+    transformers probes by importing it; that must stay harmless (no triton import before atom_lab chooses)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import transformers\nfrom transformers import LlamaForCausalLM\nprint('ok')"
+    full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=full, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
