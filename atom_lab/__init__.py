@@ -15,7 +15,7 @@ from atom_lab.config import PRESETS, AtomConfig, ablation_configs
 from atom_lab.gptq import column_groups, gptq_quantize, rtn_quantize
 from atom_lab.qlinear import QuantLinear
 from atom_lab.smooth import smooth_model
-from atom_lab.quantize import model_size_report, quantize_model
+from atom_lab.quantize import layer_inputs, model_size_report, quantize_model
 from atom_lab.metrics import evaluate, kl_divergence, top1_agreement
 
 __version__ = "0.1.0"
@@ -52,6 +52,6 @@ __all__ = [
     "fake_quantize", "fake_quantize_asymmetric", "fake_quantize_mixed", "fake_quantize_symmetric",
     "quantize_asymmetric", "quantize_symmetric", "search_act_clip", "search_weight_clip",
     "PRESETS", "AtomConfig", "ablation_configs", "column_groups", "gptq_quantize", "rtn_quantize",
-    "QuantLinear", "smooth_model", "model_size_report", "quantize_model",
+    "QuantLinear", "smooth_model", "layer_inputs", "model_size_report", "quantize_model",
     "evaluate", "kl_divergence", "top1_agreement",
 ]

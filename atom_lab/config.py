@@ -39,6 +39,7 @@ class AtomConfig:
     gptq_damp:        GPTQ damping, a fraction of the mean Hessian diagonal.
     gptq_block:       GPTQ lazy-update block (speed only).
     kv_bits:          KV cache bits (asymmetric, per token per head); 16 = off.
+    kv_group_size:    channels per KV scale/zero; None = head_dim (Atom: one per token per head).
     smooth_alpha:     SmoothQuant migration strength (0.5 in the paper) or None: no smoothing.
     group_fallback:   when group_size does not divide a layer's channels, use the largest of 128/64/32 that does
                       (else per channel) instead of raising. Off for Atom, whose packed format needs exact groups.
@@ -58,6 +59,7 @@ class AtomConfig:
     gptq_damp: float = 0.01
     gptq_block: int = 128
     kv_bits: int = 16
+    kv_group_size: int | None = None
     smooth_alpha: float | None = None
     group_fallback: bool = False
     name: str = "custom"
@@ -85,6 +87,9 @@ class AtomConfig:
                 raise ValueError(f"{f}={getattr(self, f)!r} must be a ratio in (0, 1] or 'search'.")
         if not (isinstance(self.gptq_damp, (int, float)) and 0.0 < self.gptq_damp < 1.0):
             raise ValueError(f"gptq_damp={self.gptq_damp!r} must lie in (0, 1); GPTQ's default is 0.01.")
+        kg = self.kv_group_size
+        if kg is not None and (not isinstance(kg, int) or isinstance(kg, bool) or kg < 1):
+            raise ValueError(f"kv_group_size={kg!r} must be a positive int dividing head_dim, or None (= head_dim).")
         if not isinstance(self.gptq_block, int) or self.gptq_block < 1:
             raise ValueError(f"gptq_block={self.gptq_block!r} must be a positive int (128 is usual).")
         if self.gptq and self.w_bits == 16:

@@ -15,6 +15,7 @@ outlier metric, and the packed format needs that order.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -116,18 +117,33 @@ def _blocks(groups: list[ColumnGroup], block_size: int) -> list[tuple[int, int]]
     return blocks
 
 
-def _inverse_hessian_chol(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    H = hessian.double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    H.diagonal().add_(damp * H.diagonal().mean())
+@contextmanager
+def _one_thread():
+    """The column loop runs thousands of tiny ops; intra-op threads only add synchronisation (20x slower on a
+    busy 2-core machine), so it runs on one thread and restores the setting after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        L = torch.linalg.cholesky(H)
-    except torch.linalg.LinAlgError as e:
-        raise ValueError(f"GPTQ: the damped Hessian is not positive definite (damp={damp}); increase damp "
-                         "(e.g. 0.1) or use more calibration tokens.") from e
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True).float()
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _inverse_hessian_chol(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the damped inverse Hessian (what GPTQ's column updates read), float32 [K, K].
+    float32 as in the GPTQ reference code; float64 only if float32 Cholesky fails."""
+    for dtype in (torch.float32, torch.float64):
+        H = hessian.to(dtype).clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        H.diagonal().add_(damp * H.diagonal().mean())
+        try:
+            L = torch.linalg.cholesky(H)
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError(f"GPTQ: the damped Hessian is not positive definite (damp={damp}); increase damp "
+                     "(e.g. 0.1) or use more calibration tokens.")
 
 
 @torch.no_grad()
@@ -162,50 +178,58 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, groups: list[Colu
 
     W = weight.detach().float().clone()
     W[:, torch.diag(hessian) == 0] = 0.0
-    Hinv = _inverse_hessian_chol(hessian.to(W.device), damp)
     Q = torch.zeros_like(W)
     levels = torch.zeros(N, K, dtype=torch.int16, device=W.device)
     scale = torch.ones(N, len(groups), dtype=torch.float16, device=W.device)
     zero = torch.zeros(N, len(groups), dtype=torch.uint8, device=W.device)
-    group_of = {g.start: (i, g) for i, g in enumerate(groups)}
-    gi = gcur = s32 = z32 = None  # the current group and its scale/zero, carried across the chunks of a wide group
+    with _one_thread():
+        Hinv = _inverse_hessian_chol(hessian.to(W.device), damp)
+        _gptq_loop(W, Hinv, Q, levels, scale, zero, groups, block_size)
+    return GPTQResult(weight=Q, q=levels, scale=scale, zero=zero, groups=groups)
 
+
+def _gptq_loop(W, Hinv, Q, levels, scale, zero, groups, block_size):
+    group_of = {g.start: (i, g) for i, g in enumerate(groups)}
+    gi = gcur = s32 = z32 = lo = hi = None  # the current group and its scale/zero, carried across a wide group's chunks
+    # Columns are processed as rows of transposed blocks, so every per-column step touches contiguous memory: the
+    # loop runs ~10 small torch ops per column and is bound by their overhead on a CPU.
     for b0, b1 in _blocks(groups, block_size):
-        W1 = W[:, b0:b1].clone()
-        Q1 = torch.zeros_like(W1)
-        E1 = torch.zeros_like(W1)
+        WT = W[:, b0:b1].T.contiguous()  # [cols, N]
+        QT, LT, ET = torch.empty_like(WT), torch.empty_like(WT), torch.empty_like(WT)
         H1 = Hinv[b0:b1, b0:b1]
+        dinv = (1.0 / torch.diag(H1)).tolist()
         for j in range(b1 - b0):
             col = b0 + j
             if col in group_of:  # the first column of a group: its scale comes from the weights as updated so far
                 gi, gcur = group_of[col]
                 if gcur.bits < 16:
-                    cols = W1[:, j: j + gcur.end - col] if gcur.end <= b1 else W[:, col: gcur.end]
+                    cols = WT[j: j + gcur.end - col].T if gcur.end <= b1 else W[:, col: gcur.end]
                     if gcur.symmetric:
                         _, s = quantize_symmetric(cols, gcur.bits, None, gcur.clip)
                         z = torch.zeros_like(s, dtype=torch.uint8)
+                        lo, hi = -qmax_of(gcur.bits) - 1, qmax_of(gcur.bits)
                     else:
                         _, s, z = quantize_asymmetric(cols, gcur.bits, None, gcur.clip)
+                        lo, hi = 0, 2 ** gcur.bits - 1
                     scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
                     s32, z32 = s[:, 0].float(), z[:, 0].float()
-            w = W1[:, j]
+            w, q, e = WT[j], QT[j], ET[j]
             if gcur.bits >= 16:
-                q, lev = w.clone(), torch.zeros_like(w)
+                q.copy_(w)
+                LT[j].zero_()
             elif gcur.symmetric:
-                qm = qmax_of(gcur.bits)
-                lev = torch.round(w / s32).clamp(-qm - 1, qm)
-                q = lev * s32
+                lev = torch.round(w / s32).clamp_(lo, hi)
+                LT[j] = lev
+                torch.mul(lev, s32, out=q)
             else:
-                lev = (torch.round(w / s32) + z32).clamp(0, 2 ** gcur.bits - 1)
-                q = (lev - z32) * s32
-            Q1[:, j] = q
-            levels[:, col] = lev.to(torch.int16)
-            err = (w - q) / H1[j, j]
-            W1[:, j:] -= err.unsqueeze(1) * H1[j, j:].unsqueeze(0)
-            E1[:, j] = err
-        Q[:, b0:b1] = Q1
-        W[:, b1:] -= E1 @ Hinv[b0:b1, b1:]
-    return GPTQResult(weight=Q, q=levels, scale=scale, zero=zero, groups=groups)
+                lev = torch.round(w / s32).add_(z32).clamp_(lo, hi)
+                LT[j] = lev
+                torch.mul(lev - z32, s32, out=q)
+            torch.sub(w, q, out=e).mul_(dinv[j])
+            WT[j + 1:].addr_(H1[j, j + 1:], e, alpha=-1.0)
+        Q[:, b0:b1] = QT.T
+        levels[:, b0:b1] = LT.T.to(torch.int16)
+        W[:, b1:] -= ET.T @ Hinv[b0:b1, b1:]
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from atom_lab.config import AtomConfig
 from atom_lab.gptq import column_groups, gptq_quantize, rtn_quantize
-from atom_lab.kernels import PackedAtom, dequantize_atom_ref, quantize_atom_ref
+from atom_lab.kernels import PackedAtom, dequantize_atom_ref
 from atom_lab.quant import fake_quantize_asymmetric, fake_quantize_mixed, search_act_clip, search_weight_clip
 from atom_lab.reorder import check_permutation, reorder_index
 
@@ -232,10 +232,8 @@ class QuantLinear(torch.nn.Module):
         c = self.config
         if c.a_bits >= 16:
             return x
-        if self.is_packed:
-            rows = x.reshape(-1, self.in_features)
-            p = quantize_atom_ref(rows, self.group_size, self.keeper, self.a_clip)
-            return dequantize_atom_ref(p).to(x.dtype).reshape(x.shape)
+        # For packed layers this is exactly dequantize_atom_ref(quantize_atom_ref(x, G, keeper, a_clip)) (tests
+        # check it bit for bit), computed without packing nibbles, which the float simulation does not need.
         return fake_quantize_mixed(x, c.a_bits, self.group_size, self.keeper, c.keeper_bits, self.a_clip,
                                    c.a_symmetric)
 

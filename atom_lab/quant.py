@@ -146,6 +146,15 @@ def fake_quantize(x: torch.Tensor, bits: int = 4, granularity: str = "group", gr
     return fq(x, bits, group_size if granularity == "group" else None, clip)
 
 
+def _fake_symmetric_fast(x: torch.Tensor, bits: int, group_size: int | None, clip: float) -> torch.Tensor:
+    """fake_quantize_symmetric in float32 with fewer passes over memory (no int8 round trip): the same numbers bit
+    for bit, since clamped rounded values are small integers that float32 holds exactly. Used at run time."""
+    qmax = qmax_of(bits)
+    xg = _groups(x.float(), group_size)
+    scale = (clip * xg.abs().amax(dim=-1, keepdim=True) / qmax).clamp_(min=MIN_SCALE).half().float()
+    return torch.round(xg / scale).clamp_(-qmax - 1, qmax).mul_(scale).reshape(x.shape)
+
+
 def fake_quantize_mixed(x: torch.Tensor, bits: int = 4, group_size: int | None = None, keeper: int = 0,
                         keeper_bits: int = 8, clip: float = 1.0, symmetric: bool = True) -> torch.Tensor:
     """Atom's mixed-precision row quantization, simulated in float: x is already reordered (outliers last).
@@ -161,16 +170,20 @@ def fake_quantize_mixed(x: torch.Tensor, bits: int = 4, group_size: int | None =
     if not isinstance(keeper, int) or not 0 <= keeper < K:
         raise ValueError(f"keeper={keeper} must be an int in [0, K={K}) (the INT8 outlier channels); "
                          f"use a smaller keeper.")
-    fq = fake_quantize_symmetric if symmetric else fake_quantize_asymmetric
-    normal = fq(x[..., : K - keeper], bits, group_size, clip)
+    if not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip must lie in (0, 1], got {clip}.")
+    if symmetric:
+        normal = _fake_symmetric_fast(x[..., : K - keeper], bits, group_size, clip)
+    else:
+        normal = fake_quantize_asymmetric(x[..., : K - keeper], bits, group_size, clip).float()
     if keeper == 0:
-        return normal
+        return normal.to(x.dtype)
     outl = x[..., K - keeper:]
     if keeper_bits >= 16:
-        outl = outl.to(torch.float16).to(x.dtype)
+        outl = outl.to(torch.float16).float()
     else:
-        outl = fake_quantize_symmetric(outl, keeper_bits, None, 1.0)
-    return torch.cat([normal, outl], dim=-1)
+        outl = _fake_symmetric_fast(outl, keeper_bits, None, 1.0)
+    return torch.cat([normal, outl], dim=-1).to(x.dtype)
 
 
 CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5

@@ -152,12 +152,16 @@ def quantize_model(model, config: AtomConfig | str, calibration: Sequence[str] |
             stats = collect_stats(model, tokenizer, calibration, n_tokens=n_tokens, seq_len=seq_len,
                                   keep_tokens=keep_tokens, residual=False, progress=progress)
     head_dim = _head_dim(model)
+    kv_group = config.kv_group_size or head_dim
+    if config.kv_bits < 16 and head_dim % kv_group:
+        raise ValueError(f"kv_group_size={kv_group} must divide head_dim={head_dim}; use a divisor of {head_dim} or "
+                         "None (= head_dim).")
 
     def make(block, i, names, reorder, **extra):
         """Quantize the linears `names` of block i, which read one activation, together."""
         parts = QuantLinear.from_linears(
             [block.get_submodule(n) for n in names], config, names=[f"{blocks_name}.{i}.{n}" for n in names],
-            out_bits=[config.kv_bits if n in KV_LINEARS else 16 for n in names], out_group=head_dim,
+            out_bits=[config.kv_bits if n in KV_LINEARS else 16 for n in names], out_group=kv_group,
             backend=backend, reorder=reorder, **extra)
         for n, q in zip(names, parts):
             _set(block, n, q)
@@ -221,3 +225,28 @@ def model_size_report(model) -> dict:
     stored = sum(r["stored_bytes"] for r in layers) + sum(m.weight.numel() * m.weight.element_size() for m in plain)
     return {"linear_layers": len(layers) + len(plain), "quantized_layers": len(layers), "stored_bytes": stored,
             "fp16_bytes": fp16, "ratio_vs_fp16": stored / fp16 if fp16 else float("nan"), "layers": layers}
+
+
+@torch.no_grad()
+def layer_inputs(model, tokenizer, texts: Sequence[str], names: Sequence[str], n_tokens: int = 2048,
+                 seq_len: int = 512, progress: bool = False) -> dict[str, torch.Tensor]:
+    """The inputs of some linear layers over calibration text, for per-layer experiments (GPTQ, clipping).
+
+    Args:
+        names: full module names, e.g. "model.layers.3.mlp.down_proj".
+    Returns:
+        {name: float32 [T, K] on the CPU}, T = n_tokens (or fewer if the text runs out).
+    """
+    modules = {n: model.get_submodule(n) for n in names}
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: rows[n].append(
+        args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())) for n, m in modules.items()]
+    device = next(model.parameters()).device
+    try:
+        for w in tqdm(calibration_windows(tokenizer, texts, n_tokens, seq_len), desc="layer inputs",
+                      disable=not progress, leave=False):
+            model(w.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(r) for n, r in rows.items()}
