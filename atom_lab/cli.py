@@ -42,6 +42,8 @@ def _cmd_ablation(args) -> int:
     from atom_lab.quantize import model_size_report, quantize_model
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     float_model, tok = atom_lab.load_model(args.model, dtype=torch.float32)
     corpus = atom_lab.load_corpus(args.corpus)
     windows = atom_lab.eval_windows(tok, corpus["test"]["text"], args.seq_len, args.max_windows)
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=64, help="group size of the group/atom rows (default 64)")
     p.add_argument("--keeper", type=int, default=128, help="INT8 outlier channels (default 128)")
     p.add_argument("--rows", help="comma-separated subset of row names (default: all rows)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is often faster on a CPU shared with other jobs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", help="write the rows and the protocol to this JSON file")
     p.set_defaults(func=_cmd_ablation)

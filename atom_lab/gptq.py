@@ -18,6 +18,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from atom_lab.quant import qmax_of, quantize_asymmetric, quantize_symmetric
@@ -191,19 +192,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, groups: list[Colu
 def _gptq_loop(W, Hinv, Q, levels, scale, zero, groups, block_size):
     group_of = {g.start: (i, g) for i, g in enumerate(groups)}
     gi = gcur = s32 = z32 = lo = hi = None  # the current group and its scale/zero, carried across a wide group's chunks
-    # Columns are processed as rows of transposed blocks, so every per-column step touches contiguous memory: the
-    # loop runs ~10 small torch ops per column and is bound by their overhead on a CPU.
+    # The column loop runs ~10 small vector ops per column and is bound by per-op overhead, so it runs in NumPy on
+    # the CPU (about 3x less overhead than torch ops), on transposed blocks so each column is contiguous. Only the
+    # block-to-block update, a real matmul, stays on W's device. float32 division, round-half-even (rint) and
+    # clamping are IEEE operations, so the levels are bit-identical to the torch quantizers.
     for b0, b1 in _blocks(groups, block_size):
-        WT = W[:, b0:b1].T.contiguous()  # [cols, N]
+        WT = W[:, b0:b1].T.contiguous().cpu()  # [cols, N]
         QT, LT, ET = torch.empty_like(WT), torch.empty_like(WT), torch.empty_like(WT)
-        H1 = Hinv[b0:b1, b0:b1]
-        dinv = (1.0 / torch.diag(H1)).tolist()
+        wt, qt, lt, et = WT.numpy(), QT.numpy(), LT.numpy(), ET.numpy()
+        h1 = Hinv[b0:b1, b0:b1].cpu().numpy()
+        dinv = (1.0 / np.diag(h1)).astype(np.float32)
         for j in range(b1 - b0):
             col = b0 + j
             if col in group_of:  # the first column of a group: its scale comes from the weights as updated so far
                 gi, gcur = group_of[col]
                 if gcur.bits < 16:
-                    cols = WT[j: j + gcur.end - col].T if gcur.end <= b1 else W[:, col: gcur.end]
+                    cols = WT[j: j + gcur.end - col].T if gcur.end <= b1 else W[:, col: gcur.end].cpu()
                     if gcur.symmetric:
                         _, s = quantize_symmetric(cols, gcur.bits, None, gcur.clip)
                         z = torch.zeros_like(s, dtype=torch.uint8)
@@ -211,25 +215,28 @@ def _gptq_loop(W, Hinv, Q, levels, scale, zero, groups, block_size):
                     else:
                         _, s, z = quantize_asymmetric(cols, gcur.bits, None, gcur.clip)
                         lo, hi = 0, 2 ** gcur.bits - 1
-                    scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
-                    s32, z32 = s[:, 0].float(), z[:, 0].float()
-            w, q, e = WT[j], QT[j], ET[j]
+                    scale[:, gi], zero[:, gi] = s[:, 0].to(scale.device), z[:, 0].to(zero.device)
+                    s32, z32 = s[:, 0].float().numpy(), z[:, 0].float().numpy()
+            w, q, e = wt[j], qt[j], et[j]
             if gcur.bits >= 16:
-                q.copy_(w)
-                LT[j].zero_()
+                q[:] = w
+                lt[j] = 0.0
             elif gcur.symmetric:
-                lev = torch.round(w / s32).clamp_(lo, hi)
-                LT[j] = lev
-                torch.mul(lev, s32, out=q)
+                lev = np.rint(w / s32)
+                np.clip(lev, lo, hi, out=lev)
+                lt[j] = lev
+                np.multiply(lev, s32, out=q)
             else:
-                lev = torch.round(w / s32).add_(z32).clamp_(lo, hi)
-                LT[j] = lev
-                torch.mul(lev - z32, s32, out=q)
-            torch.sub(w, q, out=e).mul_(dinv[j])
-            WT[j + 1:].addr_(H1[j, j + 1:], e, alpha=-1.0)
-        Q[:, b0:b1] = QT.T
-        levels[:, b0:b1] = LT.T.to(torch.int16)
-        W[:, b1:] -= ET.T @ Hinv[b0:b1, b1:]
+                lev = np.rint(w / s32) + z32
+                np.clip(lev, lo, hi, out=lev)
+                lt[j] = lev
+                np.multiply(lev - z32, s32, out=q)
+            np.subtract(w, q, out=e)
+            e *= dinv[j]
+            wt[j + 1:] -= np.outer(h1[j, j + 1:], e)
+        Q[:, b0:b1] = QT.T.to(Q.device)
+        levels[:, b0:b1] = LT.T.to(torch.int16).to(levels.device)
+        W[:, b1:] -= ET.T.to(W.device) @ Hinv[b0:b1, b1:]
 
 
 @torch.no_grad()

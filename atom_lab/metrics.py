@@ -78,7 +78,11 @@ def evaluate(models, windows: torch.Tensor, reference=None, progress: bool = Tru
             ref_top = ref_logits.argmax(-1).cpu()
             del ref_logits
         for name, model in models.items():
-            logits = ref_lp if model is reference else _window_logits(model, ids)
+            if model is reference:  # its logits are already here; KL is 0 and top-1 agrees by definition
+                sums[name]["nll"] += -ref_lp.gather(1, target.to(ref_lp.device).unsqueeze(1)).sum().item()
+                sums[name]["agree"] += target.numel()
+                continue
+            logits = _window_logits(model, ids)
             for r0 in range(0, logits.shape[0], _CHUNK):
                 lp = F.log_softmax(logits[r0: r0 + _CHUNK], -1)
                 t = target[r0: r0 + _CHUNK].to(lp.device)

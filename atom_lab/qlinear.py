@@ -189,7 +189,8 @@ class QuantLinear(torch.nn.Module):
         names = names or [""] * len(linears)
         out_bits = out_bits or [16] * len(linears)
         w = linears[0].weight
-        fused = torch.nn.Linear(K, sum(m.out_features for m in linears), bias=False, device=w.device, dtype=w.dtype)
+        fused = torch.nn.utils.skip_init(torch.nn.Linear, K, sum(m.out_features for m in linears), bias=False,
+                                         device=w.device, dtype=w.dtype)
         fused.weight.copy_(torch.cat([m.weight for m in linears]))
         label = (names[0].rsplit(".", 1)[0] + "." if "." in names[0] else "") + "+".join(
             n.rsplit(".", 1)[-1] for n in names)

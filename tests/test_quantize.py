@@ -192,3 +192,11 @@ def test_evaluate_matches_perplexity_and_compares_models():
     assert r["float"]["kl"] == pytest.approx(0.0, abs=1e-6) and r["float"]["top1"] == 1.0
     assert r["rtn"]["kl"] > 0 and r["rtn"]["top1"] < 1.0 and r["rtn"]["tokens"] == 3 * 63
     assert evaluate(q, windows, progress=False)["model"]["kl"] is None
+
+
+def test_ablation_cli_arguments():
+    from atom_lab.cli import build_parser
+
+    args = build_parser().parse_args(["ablation", "--max-windows", "2", "--json", "x.json", "--rows", "+ GPTQ"])
+    assert args.func.__name__ == "_cmd_ablation" and args.max_windows == 2 and args.seq_len == 2048
+    assert args.model == "smollm2-135m" and args.group_size == 64 and args.keeper == 128
