@@ -7,6 +7,16 @@ from atom_lab._runtime import INTERPRET, default_device, environment  # noqa: I0
 from atom_lab.data import CORPORA, load_corpus
 from atom_lab.eval import eval_windows, perplexity
 from atom_lab.models import MODELS, TINY_ARCHS, cache_dir, load_model, tiny_model
+from atom_lab.reorder import outlier_channels, reorder_activation, reorder_index, reorder_linear
+from atom_lab.stats import ChannelStats, collect_stats, decoder_layers, decoder_layers_name, linear_names
+from atom_lab.quant import (fake_quantize, fake_quantize_asymmetric, fake_quantize_mixed, fake_quantize_symmetric,
+                            quantize_asymmetric, quantize_symmetric, search_act_clip, search_weight_clip)
+from atom_lab.config import PRESETS, AtomConfig, ablation_configs
+from atom_lab.gptq import column_groups, gptq_quantize, rtn_quantize
+from atom_lab.qlinear import QuantLinear
+from atom_lab.smooth import smooth_model
+from atom_lab.quantize import layer_inputs, model_size_report, quantize_model
+from atom_lab.metrics import evaluate, kl_divergence, top1_agreement
 
 __version__ = "0.1.0"
 
@@ -37,4 +47,11 @@ __all__ = [
     "CORPORA", "load_corpus",
     "eval_windows", "perplexity",
     "MODELS", "TINY_ARCHS", "cache_dir", "load_model", "tiny_model",
+    "ChannelStats", "collect_stats", "decoder_layers", "decoder_layers_name", "linear_names",
+    "outlier_channels", "reorder_activation", "reorder_index", "reorder_linear",
+    "fake_quantize", "fake_quantize_asymmetric", "fake_quantize_mixed", "fake_quantize_symmetric",
+    "quantize_asymmetric", "quantize_symmetric", "search_act_clip", "search_weight_clip",
+    "PRESETS", "AtomConfig", "ablation_configs", "column_groups", "gptq_quantize", "rtn_quantize",
+    "QuantLinear", "smooth_model", "layer_inputs", "model_size_report", "quantize_model",
+    "evaluate", "kl_divergence", "top1_agreement",
 ]

@@ -45,6 +45,68 @@ def _cmd_bench(args) -> int:
 
     plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     bench_gemm.run(args.json, plot, args.markdown, args.quick)
+
+def _cmd_ablation(args) -> int:
+    import copy
+    import time
+
+    import torch
+
+    from atom_lab.config import ablation_configs
+    from atom_lab.metrics import evaluate
+    from atom_lab.quantize import model_size_report, quantize_model
+
+    torch.manual_seed(0)
+    float_model, tok = atom_lab.load_model(args.model, dtype=torch.float32)
+    corpus = atom_lab.load_corpus(args.corpus)
+    windows = atom_lab.eval_windows(tok, corpus["test"]["text"], args.seq_len, args.max_windows)
+    calib = corpus["calibration"]["text"]
+    configs = ablation_configs(group_size=args.group_size, keeper=args.keeper)
+    if args.rows:
+        wanted = [r.strip() for r in args.rows.split(",")]
+        names = [c.name for c in configs]
+        bad = [w for w in wanted if w not in names]
+        if bad:
+            raise SystemExit(f"--rows: unknown row(s) {bad}; rows are: {', '.join(names)}")
+        configs = [c for c in configs if c.name in wanted or c.name == "fp16"]  # fp16 is the reference: free
+    protocol = {"model": args.model, "corpus": f"{args.corpus}/test", "seq_len": args.seq_len,
+                "windows": windows.shape[0], "tokens": windows.numel(),
+                "predicted_tokens": windows.shape[0] * (args.seq_len - 1),
+                "calibration": f"{args.corpus}/calibration, {args.calib_tokens} tokens in windows of "
+                               f"{args.calib_seq_len}", "backend": "reference (fake quantization in float32)",
+                "float": "the GGUF Q4_1 weights dequantized to float32 (the 'fp16' row: no quantization)"}
+    print("Atom ablation on", protocol["corpus"])
+    for k, v in protocol.items():
+        print(f"  {k:>16}: {v}")
+    models, info = {}, {}
+    for c in configs:
+        t0 = time.time()
+        # quantize_model works in place: every row starts from a fresh copy of the float model
+        m = float_model if not c.quantizes else quantize_model(
+            copy.deepcopy(float_model), c, calibration=calib, tokenizer=tok, n_tokens=args.calib_tokens,
+            seq_len=args.calib_seq_len, progress=not args.no_progress)
+        size = model_size_report(m)
+        info[c.name] = {"quantize_s": round(time.time() - t0, 1), "linear_bytes": size["stored_bytes"],
+                        "config": c.to_dict()}
+        models[c.name] = m
+        print(f"  quantized {c.name!r} in {info[c.name]['quantize_s']} s", flush=True)
+    t0 = time.time()
+    results = evaluate(models, windows, reference=float_model, progress=not args.no_progress)
+    print(f"  evaluated {len(models)} models in {time.time() - t0:.0f} s\n")
+    base = results["fp16"]["ppl"]
+    print(f"{'row':<28}{'ppl':>10}{'x float':>9}{'KL':>9}{'top-1':>8}")
+    rows = []
+    for c in configs:
+        r = results[c.name]
+        ratio = r["ppl"] / base
+        print(f"{c.name:<28}{r['ppl']:>10.3f}{ratio:>9.3f}{r['kl']:>9.4f}"
+              f"{r['top1']:>8.3f}")
+        rows.append({"name": c.name, "ppl": r["ppl"], "kl": r["kl"], "top1": r["top1"], "ppl_ratio": ratio,
+                     "nll": r["nll"], **info[c.name]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"protocol": protocol, "environment": atom_lab.environment(), "rows": rows}, f, indent=2)
+        print(f"\nwrote {args.json}")
     return 0
 
 
@@ -71,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the README-ready table to this file")
     p.add_argument("--quick", action="store_true", help="fewer M values")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("ablation", help="Atom's ablation table (ppl, KL, top-1 per technique) on the wiki test split")
+    p.add_argument("--model", default="smollm2-135m", choices=sorted(atom_lab.MODELS))
+    p.add_argument("--corpus", default="wiki", choices=sorted(atom_lab.CORPORA))
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows (default: all)")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 32 x 512)")
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=64, help="group size of the group/atom rows (default 64)")
+    p.add_argument("--keeper", type=int, default=128, help="INT8 outlier channels (default 128)")
+    p.add_argument("--rows", help="comma-separated subset of row names (default: all rows)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", help="write the rows and the protocol to this JSON file")
+    p.set_defaults(func=_cmd_ablation)
     return parser
 
 

@@ -1,0 +1,287 @@
+"""QuantLinear: one quantized linear layer (reorder index + quantized weight + run-time activation quantizer).
+
+Atom-style W4A4 layers store their weight in the packed Atom format (atom_lab.kernels.PackedAtom: INT4 groups
+packed two per byte plus INT8 keeper columns), the format the Triton kernels read. The "reference" backend
+simulates the kernel in float: it gathers x by the reorder index, fake-quantizes the activation exactly as the
+packed format would (dequantize_atom_ref(quantize_atom_ref(x))), and multiplies by the dequantized weight.
+Other configurations (w8a8, w4a16, w4a4 per channel) keep integer levels and scales, and a float copy for the
+reference matmul. nbytes() counts what is stored, honestly (see size_report()).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from atom_lab.config import AtomConfig
+from atom_lab.gptq import column_groups, gptq_quantize, rtn_quantize
+from atom_lab.kernels import PackedAtom, dequantize_atom_ref
+from atom_lab.quant import fake_quantize_asymmetric, fake_quantize_mixed, search_act_clip, search_weight_clip
+from atom_lab.reorder import check_permutation, reorder_index
+
+BACKENDS = ("reference",)
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not available; supported backends: {', '.join(BACKENDS)} "
+                         "(the Triton backend that runs the packed tensors on the kernels comes in a later chapter).")
+
+
+class QuantLinear(torch.nn.Module):
+    """A quantized replacement for nn.Linear(in_features=K, out_features=N). Build it with from_linear().
+
+    Buffers (all on the layer's device):
+        reorder:   int64 [K] or None. Input channel reorder[i] goes to position i (outliers last).
+        packed_*:  the PackedAtom tensors (q4 uint8 [N, (K-keeper)/2], s4 fp16 [N, (K-keeper)/G], q8 int8
+                   [N, keeper], s8 fp16 [N, 1]) for Atom-style layers; else
+        w_q, w_scale, w_zero: integer levels (int8 [N, K]; uint8 for asymmetric), fp16 scales and uint8 zero
+                   points [N, n_groups] for quantized weights that are not in the packed format.
+        w_ref:     float [N, K] the dequantized weight in reordered column order (the reference matmul's operand;
+                   a cache derived from the buffers above, not counted by nbytes()).
+        bias:      float [N] or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, config: AtomConfig, group_size: int | None,
+                 a_clip: float, w_clip: float, out_bits: int = 16, out_group: int | None = None,
+                 backend: str = "reference", name: str = ""):
+        super().__init__()
+        check_backend(backend)
+        self.in_features, self.out_features = in_features, out_features
+        self.config, self.group_size, self.backend, self.name = config, group_size, backend, name
+        self.a_clip, self.w_clip = float(a_clip), float(w_clip)
+        self.out_bits, self.out_group = out_bits, out_group
+        self.keeper = config.keeper
+        self.is_packed = False
+        self.register_buffer("reorder", None)
+        self.register_buffer("bias", None)
+        self.register_buffer("w_ref", None, persistent=False)
+
+    # --- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: torch.nn.Linear, config: AtomConfig, stats=None, backend: str = "reference",
+                    reorder: torch.Tensor | None = None, hessian: torch.Tensor | None = None,
+                    inputs: torch.Tensor | None = None, out_bits: int = 16, out_group: int | None = None,
+                    name: str = "") -> QuantLinear:
+        """Quantize one nn.Linear.
+
+        Args:
+            linear: nn.Linear with weight [N, K] (float) and optional bias [N].
+            config: the AtomConfig.
+            stats: atom_lab.ChannelStats of this layer's input (from collect_stats); used for the reorder index
+                when `reorder` is not given, and its `samples` [T, K] as calibration inputs when `inputs` and
+                `hessian` are not given.
+            backend: "reference" (the only one so far).
+            reorder: int64 [K] reorder index (from reorder_index; shared by layers reading the same activation).
+            hessian: float [K, K] = X^T X of calibration inputs in the ORIGINAL channel order (GPTQ).
+            inputs: float [T, K] calibration inputs in the original order (clip search; GPTQ Hessian if no hessian).
+            out_bits, out_group: fake-quantize the layer's OUTPUT asymmetrically, per token in groups of out_group
+                (the KV cache: k_proj/v_proj with out_group = head_dim); 16 = off.
+            name: the module name, for error messages and reports.
+        """
+        check_backend(backend)
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}.")
+        if not isinstance(config, AtomConfig):
+            raise TypeError(f"config must be an atom_lab.AtomConfig (e.g. AtomConfig.preset('atom')), "
+                            f"got {type(config).__name__}.")
+        N, K = linear.weight.shape
+        where = name or f"a linear layer [{N}, {K}]"
+        G = config.layer_group_size(K, where)
+        if out_bits < 16 and (out_group is None or N % out_group):
+            raise ValueError(f"out_group={out_group} must divide out_features={N} of {where} (use head_dim).")
+        dev = linear.weight.device
+
+        if config.reorders:
+            if reorder is None:
+                if stats is None:
+                    raise ValueError(f"config.sort_metric={config.sort_metric!r} reorders channels: pass stats= "
+                                     f"(atom_lab.collect_stats) or reorder= (atom_lab.reorder_index) for {where}.")
+                reorder = reorder_index(stats, config.sort_metric)
+            check_permutation(reorder, K, "reorder")
+            reorder = reorder.to(dev)
+        elif reorder is not None:
+            raise ValueError(f"reorder= was given but config.sort_metric is None (no reordering); set sort_metric "
+                             f"or leave reorder out ({where}).")
+
+        if inputs is None and stats is not None and stats.samples.numel():
+            inputs = stats.samples
+        if inputs is not None:
+            if inputs.shape[-1] != K:
+                raise ValueError(f"inputs have {inputs.shape[-1]} channels but {where} has in_features={K}.")
+            inputs = inputs.reshape(-1, K).to(dev, torch.float32)
+            if reorder is not None:
+                inputs = inputs[:, reorder]
+        if hessian is not None:
+            if hessian.shape != (K, K):
+                raise ValueError(f"hessian must be [{K}, {K}] for {where}, got {tuple(hessian.shape)}.")
+            hessian = hessian.to(dev, torch.float32)
+            if reorder is not None:
+                hessian = hessian[reorder][:, reorder]
+
+        W = linear.weight.detach().float()
+        if reorder is not None:
+            W = W[:, reorder]
+        layout = lambda clip: column_groups(K, config.w_bits, G, config.keeper,  # noqa: E731
+                                            config.keeper_bits, clip, config.w_symmetric)
+
+        w_clip, a_clip = config.w_clip, config.a_clip
+        if "search" in (w_clip, a_clip) and inputs is None:
+            raise ValueError(f"clip 'search' needs calibration inputs for {where}: pass inputs= or stats= with "
+                             "samples.")
+        if w_clip == "search":
+            w_clip = 1.0 if config.w_bits >= 16 else search_weight_clip(
+                W, inputs, lambda w, c: rtn_quantize(w, layout(c)).weight)[0]
+        if a_clip == "search":
+            a_clip = 1.0 if config.a_bits >= 16 else search_act_clip(
+                inputs, W, lambda x, c: fake_quantize_mixed(x, config.a_bits, G, config.keeper, config.keeper_bits,
+                                                            c, config.a_symmetric))[0]
+
+        self = cls(K, N, config, G, a_clip, w_clip, out_bits, out_group, backend, name)
+        self.reorder = reorder
+        if linear.bias is not None:
+            self.bias = linear.bias.detach().clone()
+        if config.w_bits >= 16:
+            self.w_ref = W.to(linear.weight.dtype)
+            self.register_buffer("w_float", self.w_ref)
+            return self
+        if config.gptq:
+            if hessian is None:
+                if inputs is None:
+                    raise ValueError(f"config.gptq needs calibration inputs for {where}: pass hessian= (X^T X), "
+                                     "inputs= or stats= with samples (quantize_model does this for you).")
+                hessian = inputs.T @ inputs
+            res = gptq_quantize(W, hessian, layout(w_clip), config.gptq_damp, config.gptq_block)
+        else:
+            res = rtn_quantize(W, layout(w_clip))
+        if config.packed(K):
+            p = res.to_packed_atom()
+            self.is_packed = True
+            for f in ("q4", "s4", "q8", "s8"):
+                self.register_buffer(f"packed_{f}", getattr(p, f))
+            self.w_ref = dequantize_atom_ref(p).to(linear.weight.dtype)
+        else:
+            signed = all(g.symmetric for g in res.groups)
+            self.register_buffer("w_q", res.q.to(torch.int8 if signed else torch.uint8))
+            self.register_buffer("w_scale", res.scale)
+            self.register_buffer("w_zero", None if signed else res.zero)
+            self.w_ref = res.weight.to(linear.weight.dtype)
+        return self
+
+    @classmethod
+    @torch.no_grad()
+    def from_linears(cls, linears: list[torch.nn.Linear], config: AtomConfig, names: list[str] | None = None,
+                     out_bits: list[int] | None = None, out_group: int | None = None, **kwargs) -> list[QuantLinear]:
+        """Quantize several linears that read the SAME activation (q/k/v, or gate/up) together.
+
+        They share the reorder index and the activation clip ratio (the real kernel quantizes that activation
+        once, fused into the norm), and their weight rows are quantized as one stacked matrix: GPTQ and RTN treat
+        rows independently, so the levels are the same as quantizing each alone, with one GPTQ pass instead of
+        several. kwargs go to from_linear (stats, backend, reorder, hessian, inputs).
+        Returns: one QuantLinear per input linear, in order.
+        """
+        if not linears or any(not isinstance(m, torch.nn.Linear) for m in linears):
+            raise TypeError("linears must be a non-empty list of torch.nn.Linear.")
+        K = linears[0].in_features
+        if any(m.in_features != K for m in linears):
+            raise ValueError(f"linears reading one activation must share in_features; got "
+                             f"{[m.in_features for m in linears]}.")
+        names = names or [""] * len(linears)
+        out_bits = out_bits or [16] * len(linears)
+        w = linears[0].weight
+        fused = torch.nn.Linear(K, sum(m.out_features for m in linears), bias=False, device=w.device, dtype=w.dtype)
+        fused.weight.copy_(torch.cat([m.weight for m in linears]))
+        label = (names[0].rsplit(".", 1)[0] + "." if "." in names[0] else "") + "+".join(
+            n.rsplit(".", 1)[-1] for n in names)
+        whole = cls.from_linear(fused, config, name=label, **kwargs)
+        parts, r0 = [], 0
+        for m, n, ob in zip(linears, names, out_bits):
+            if ob < 16 and (out_group is None or m.out_features % out_group):
+                raise ValueError(f"out_group={out_group} must divide out_features={m.out_features} of {n} "
+                                 "(use head_dim).")
+            parts.append(whole._rows(r0, r0 + m.out_features, m, n, ob, out_group))
+            r0 += m.out_features
+        return parts
+
+    def _rows(self, r0: int, r1: int, linear: torch.nn.Linear, name: str, out_bits: int,
+              out_group: int | None) -> QuantLinear:
+        """A QuantLinear holding output rows [r0, r1) of this one, with linear's bias."""
+        part = QuantLinear(self.in_features, r1 - r0, self.config, self.group_size, self.a_clip, self.w_clip,
+                           out_bits, out_group, self.backend, name)
+        part.is_packed = self.is_packed
+        part.reorder = self.reorder
+        for b in ("packed_q4", "packed_s4", "packed_q8", "packed_s8", "w_q", "w_scale", "w_zero", "w_float"):
+            if hasattr(self, b):
+                t = getattr(self, b)
+                part.register_buffer(b, None if t is None else t[r0:r1].clone())
+        part.w_ref = part.w_float if hasattr(part, "w_float") else self.w_ref[r0:r1].clone()
+        if linear.bias is not None:
+            part.bias = linear.bias.detach().clone()
+        return part
+
+    @property
+    def packed(self) -> PackedAtom | None:
+        """The stored weight in the packed Atom format (None for layers not in that format)."""
+        if not self.is_packed:
+            return None
+        return PackedAtom(self.packed_q4, self.packed_s4, self.packed_q8, self.packed_s8, self.group_size)
+
+    # --- run time ------------------------------------------------------------------------------------------------
+    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize a reordered activation x [..., K] as the real path would, per token; same dtype."""
+        c = self.config
+        if c.a_bits >= 16:
+            return x
+        # For packed layers this is exactly dequantize_atom_ref(quantize_atom_ref(x, G, keeper, a_clip)) (tests
+        # check it bit for bit), computed without packing nibbles, which the float simulation does not need.
+        return fake_quantize_mixed(x, c.a_bits, self.group_size, self.keeper, c.keeper_bits, self.a_clip,
+                                   c.a_symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float [..., K] in the ORIGINAL channel order -> [..., N]."""
+        if x.shape[-1] != self.in_features:  # noqa: SIM102
+            raise ValueError(f"{self.name or 'QuantLinear'}: input has {x.shape[-1]} channels, "
+                             f"expected in_features={self.in_features}.")
+        if self.reorder is not None:
+            x = x.index_select(-1, self.reorder)  # the real kernels fuse this gather into the norm / SiLU*up
+        x = self.quantize_activation(x)
+        y = F.linear(x, self.w_ref.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.out_bits < 16:
+            # KV cache: asymmetric, per token per head. Atom quantizes K AFTER RoPE; this is before it (RoPE is
+            # applied later inside the attention module), an approximation the KV-cache chapter removes.
+            y = fake_quantize_asymmetric(y, self.out_bits, self.out_group)
+        return y
+
+    # --- size ----------------------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of what this layer stores for its weight: packed or integer levels, scales, zeros, bias, and the
+        reorder index (int64 here; a kernel would use int16). The float w_ref cache of the reference backend is
+        excluded (see size_report)."""
+        names = (["packed_q4", "packed_s4", "packed_q8", "packed_s8"] if self.is_packed else
+                 ["w_float"] if self.config.w_bits >= 16 else ["w_q", "w_scale", "w_zero"])
+        tensors = [getattr(self, n, None) for n in names] + [self.bias, self.reorder]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def size_report(self) -> dict:
+        """Stored bytes vs float16, and the ideal bytes if the integer levels were bit-packed."""
+        N, K, c = self.out_features, self.in_features, self.config
+        if self.is_packed:
+            fmt = f"packed Atom: INT4 groups of {self.group_size} + {self.keeper} INT8 keeper columns"
+        elif c.w_bits >= 16:
+            fmt = "float weight (not quantized)"
+        else:
+            fmt = (f"int{c.w_bits} levels stored one per byte (reference backend), "
+                   f"{'per channel' if self.group_size is None else f'groups of {self.group_size}'}")
+        scales = 0 if c.w_bits >= 16 else (self.w_scale.numel() * 2 * (1 if c.w_symmetric else 1.5)
+                                           if not self.is_packed else 0)
+        ideal_bits = (K - self.keeper) * c.w_bits + self.keeper * c.keeper_bits if c.w_bits < 16 else K * 16
+        return {"name": self.name, "shape": [N, K], "format": fmt, "stored_bytes": self.nbytes(),
+                "fp16_bytes": N * K * 2, "ideal_bytes": int(N * ideal_bits / 8 + scales) if not self.is_packed
+                else self.nbytes(),
+                "reference_cache_bytes": self.w_ref.numel() * self.w_ref.element_size()}
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"in_features={self.in_features}, out_features={self.out_features}, w{c.w_bits}a{c.a_bits}, "
+                f"group={self.group_size}, keeper={self.keeper}, a_clip={self.a_clip:g}, w_clip={self.w_clip:g}, "
+                f"packed={self.is_packed}, kv_bits={self.out_bits}, backend={self.backend}")
