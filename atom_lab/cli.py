@@ -45,6 +45,8 @@ def _cmd_bench(args) -> int:
 
     plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     bench_gemm.run(args.json, plot, args.markdown, args.quick)
+    return 0
+
 
 def _cmd_ablation(args) -> int:
     import copy
