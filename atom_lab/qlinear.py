@@ -57,9 +57,6 @@ class SharedInput:
             return self.packed
         return None
 
-    def clear(self) -> None:
-        self.key = self.version = self.packed = None
-
 
 class QuantLinear(torch.nn.Module):
     """A quantized replacement for nn.Linear(in_features=K, out_features=N). Build it with from_linear().
@@ -235,9 +232,9 @@ class QuantLinear(torch.nn.Module):
         fused.weight.copy_(torch.cat([m.weight for m in linears]))
         label = (names[0].rsplit(".", 1)[0] + "." if "." in names[0] else "") + "+".join(
             n.rsplit(".", 1)[-1] for n in names)
-        whole = cls.from_linear(fused, config, name=label, backend="reference", **kwargs)
-        if backend == "triton" and not whole.is_packed:
+        if backend == "triton" and not config.packed(K):
             raise ValueError(f"backend='triton' cannot run {label} with config {config.name!r}: {TRITON_CONFIGS}.")
+        whole = cls.from_linear(fused, config, name=label, backend="reference", **kwargs)
         parts, r0 = [], 0
         for m, n, ob in zip(linears, names, out_bits):
             if ob < 16 and (out_group is None or m.out_features % out_group):
