@@ -218,19 +218,33 @@ def test_size_report_next_to_the_float_layer(tiny_atom):
 
 @pytest.mark.smollm2
 def test_smollm2_agrees(smollm2, corpus):
-    """The real model: every linear of the 30 blocks on the kernels, 16 tokens (~1 min under the interpreter).
+    """The real model: all 210 linear layers of the 30 blocks on the kernels, 16 tokens (~1-2 min interpreted).
 
-    Quantized models are discontinuous: a float32 rounding difference that moves one activation across a rounding
-    boundary changes a code by one step, and later layers amplify it. So the check is on agreement statistics, not
-    on equality; the perplexity comparison on longer windows is in the report / notebook 04.
+    Quantized models are chaotic: a float32 rounding difference that moves one activation across a rounding boundary
+    changes a code by one step, later layers amplify it, and after a few blocks the two runs carry different rounding
+    noise (the reference backend differs from ITSELF computed in float64 about as much; see notebook 04). So the
+    exact check is per block, teacher-forced: each block on the kernels, fed the reference model's input of that
+    block, must reproduce the reference block to float32 rounding. End to end, the logits must stay close.
     """
     model, tok = smollm2
     q = quantize_model(copy.deepcopy(model), ATOM_RTN, calibration=corpus["calibration"]["text"][:200],
                        tokenizer=tok, n_tokens=256, seq_len=128, progress=False)
     ids = atom_lab.eval_windows(tok, corpus["test"]["text"], 16, 1).to(DEV)
+    inputs = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, kw: inputs.append((a[0] if a else kw["hidden_states"], kw)),
+                                         with_kwargs=True) for b in q.model.layers]
     ref = _logits(q, ids)[0]
-    tri = _logits(set_backend(q, "triton"), ids)[0]
-    assert len(q.atom_fusions) == 30 and all(len(f) == 3 for f in q.atom_fusions.values())
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        ref_blocks = [b(x, **kw) for b, (x, kw) in zip(q.model.layers, inputs)]
+        tri = _logits(set_backend(q, "triton"), ids)[0]
+        assert len(q.atom_fusions) == 30 and all(len(f) == 3 for f in q.atom_fusions.values())
+        for i, (b, (x, kw), y_ref) in enumerate(zip(q.model.layers, inputs, ref_blocks)):
+            y_ref = y_ref[0] if isinstance(y_ref, tuple) else y_ref
+            y = b(x, **kw)
+            y = y[0] if isinstance(y, tuple) else y
+            rel = ((y - y_ref).norm() / (y_ref - x).norm()).item()  # relative to what the block adds
+            assert rel < 1e-4, (i, rel)
     kl = atom_lab.kl_divergence(ref, tri).item()
-    top1 = atom_lab.top1_agreement(ref, tri)
-    assert torch.isfinite(tri).all() and kl < 0.1 and top1 >= 0.8, (kl, top1)
+    assert torch.isfinite(tri).all() and kl < 1.0 and atom_lab.top1_agreement(ref, tri) >= 0.5, kl
