@@ -14,10 +14,12 @@ from atom_lab.quant import (fake_quantize, fake_quantize_asymmetric, fake_quanti
                             quantize_asymmetric, quantize_symmetric, search_act_clip, search_weight_clip)
 from atom_lab.config import PRESETS, AtomConfig, ablation_configs
 from atom_lab.gptq import column_groups, gptq_quantize, rtn_quantize
-from atom_lab.qlinear import QuantLinear
+from atom_lab.qlinear import QuantLinear, SharedInput
+from atom_lab.backend import FusedMLP, RMSNormQuantize, set_backend
 from atom_lab.smooth import smooth_model
 from atom_lab.quantize import layer_inputs, model_size_report, quantize_model
 from atom_lab.metrics import evaluate, kl_divergence, top1_agreement
+from atom_lab.serialize import load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
@@ -56,4 +58,5 @@ __all__ = [
     "PRESETS", "AtomConfig", "ablation_configs", "column_groups", "gptq_quantize", "rtn_quantize",
     "QuantLinear", "smooth_model", "layer_inputs", "model_size_report", "quantize_model",
     "evaluate", "kl_divergence", "top1_agreement",
+    "SharedInput", "RMSNormQuantize", "FusedMLP", "set_backend", "save_quantized", "load_quantized",
 ]

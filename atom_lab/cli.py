@@ -114,6 +114,54 @@ def _cmd_ablation(args) -> int:
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    import time
+
+    import torch
+
+    model, tok = atom_lab.load_model(args.model, dtype=torch.float32)
+    calib = atom_lab.load_corpus(args.corpus)["calibration"]["text"]
+    t0 = time.time()
+    atom_lab.quantize_model(model, args.preset, calibration=calib, tokenizer=tok, n_tokens=args.calib_tokens,
+                            seq_len=args.calib_seq_len, progress=not args.no_progress)
+    seconds = time.time() - t0
+    info = atom_lab.save_quantized(model, args.out, tokenizer=tok)
+    print(f"quantized {args.model} with preset {args.preset!r} in {seconds:.0f} s ({args.calib_tokens} calibration "
+          f"tokens); wrote {info['path']}: model.safetensors {info['file_bytes'] / 2**20:.1f} MiB")
+    for kind, nbytes in sorted(info["bytes_by_kind"].items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<32}{nbytes / 2**20:>9.2f} MiB")
+    return 0
+
+
+def _cmd_backends(args) -> int:
+    import copy
+    import time
+
+    from atom_lab.metrics import evaluate
+
+    ref, tok = atom_lab.load_quantized(args.quantized, backend="reference")
+    if tok is None:
+        raise SystemExit(f"{args.quantized} holds no tokenizer; save it with save_quantized(..., tokenizer=tok).")
+    tri = atom_lab.set_backend(copy.deepcopy(ref), "triton")
+    windows = atom_lab.eval_windows(tok, atom_lab.load_corpus(args.corpus)["test"]["text"], args.seq_len,
+                                    args.max_windows)
+    t0 = time.time()
+    r = evaluate({"reference": ref, "triton": tri}, windows, reference=ref, progress=not args.no_progress)
+    row = {"quantized": str(args.quantized), "corpus": f"{args.corpus}/test", "seq_len": args.seq_len,
+           "windows": windows.shape[0], "predicted_tokens": windows.shape[0] * (args.seq_len - 1),
+           "ppl_reference": r["reference"]["ppl"], "ppl_triton": r["triton"]["ppl"],
+           "ppl_rel_diff": r["triton"]["ppl"] / r["reference"]["ppl"] - 1, "kl_triton_vs_reference": r["triton"]["kl"],
+           "top1_triton_vs_reference": r["triton"]["top1"], "seconds": round(time.time() - t0, 1),
+           "kernels": atom_lab.environment()["kernels"]}
+    print(f"perplexity on {row['windows']} windows x {args.seq_len} tokens: reference {row['ppl_reference']:.3f}, "
+          f"triton {row['ppl_triton']:.3f} ({100 * row['ppl_rel_diff']:+.2f}%); triton vs reference: KL "
+          f"{row['kl_triton_vs_reference']:.4f}, top-1 {row['top1_triton_vs_reference']:.3f}; {row['seconds']} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(row, f, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atom-lab", description="Atom W4A4 quantization: lab tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", help="write the rows and the protocol to this JSON file")
     p.set_defaults(func=_cmd_ablation)
+
+    p = sub.add_parser("quantize", help="quantize a packaged model and save it (save_quantized: safetensors + JSON)")
+    p.add_argument("--model", default="smollm2-135m", choices=sorted(atom_lab.MODELS))
+    p.add_argument("--preset", default="atom", choices=list(atom_lab.PRESETS))
+    p.add_argument("--corpus", default="wiki", choices=sorted(atom_lab.CORPORA))
+    p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("backends", help="perplexity of a saved quantized model on the reference and triton backends")
+    p.add_argument("quantized", help="a directory written by `atom-lab quantize` / save_quantized")
+    p.add_argument("--corpus", default="wiki", choices=sorted(atom_lab.CORPORA))
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (short on a CPU: interpreter)")
+    p.add_argument("--max-windows", type=int, default=4)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", help="write the result to this JSON file")
+    p.set_defaults(func=_cmd_backends)
     return parser
 
 

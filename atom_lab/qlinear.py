@@ -6,6 +6,13 @@ simulates the kernel in float: it gathers x by the reorder index, fake-quantizes
 packed format would (dequantize_atom_ref(quantize_atom_ref(x))), and multiplies by the dequantized weight.
 Other configurations (w8a8, w4a16, w4a4 per channel) keep integer levels and scales, and a float copy for the
 reference matmul. nbytes() counts what is stored, honestly (see size_report()).
+
+The "triton" backend runs packed layers for real: forward quantizes the activation with the reorder + quantize
+kernel (atom_lab.kernels.reorder_quantize) into a PackedAtom and multiplies it with the stored PackedAtom weight
+in the W4A4 GEMM kernel (atom_lab.kernels.w4a4_gemm), then adds the bias. Both backends hold the SAME buffers, so
+a layer (or a whole model, atom_lab.set_backend) can switch between them without re-quantizing. Layers reading one
+activation (q/k/v, gate/up) can share a SharedInput so that activation is quantized once; atom_lab/backend.py also
+fuses the preceding RMSNorm or SiLU(gate) * up into that quantization.
 """
 from __future__ import annotations
 
@@ -14,17 +21,41 @@ import torch.nn.functional as F
 
 from atom_lab.config import AtomConfig
 from atom_lab.gptq import column_groups, gptq_quantize, rtn_quantize
-from atom_lab.kernels import PackedAtom, dequantize_atom_ref
+from atom_lab.kernels import PackedAtom, dequantize_atom_ref, reorder_quantize, w4a4_gemm
 from atom_lab.quant import fake_quantize_asymmetric, fake_quantize_mixed, search_act_clip, search_weight_clip
 from atom_lab.reorder import check_permutation, reorder_index
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "triton")
+TRITON_CONFIGS = ("the Triton backend runs packed Atom-style W4A4 layers: preset 'atom', or an AtomConfig with "
+                  "w_bits=a_bits=4, symmetric weights and activations, keeper_bits=8 and group_size 32/64/128 "
+                  "(the ablation rows '+ group' to '+ INT4 KV'); presets fp16, w8a8, w4a16 and w4a4-rtn are not "
+                  "packed and run on backend='reference'")
 
 
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not available; supported backends: {', '.join(BACKENDS)} "
-                         "(the Triton backend that runs the packed tensors on the kernels comes in a later chapter).")
+                         "('reference' simulates the packed kernels in float, 'triton' runs them).")
+
+
+class SharedInput:
+    """A one-entry cache handing one quantized activation to every QuantLinear that reads it (q/k/v, gate/up).
+
+    The producer (the first consumer, or a fused RMSNorm, atom_lab/backend.py) puts (x, PackedAtom); a consumer
+    whose input `is` that very tensor object, unmodified since, takes the PackedAtom instead of quantizing again.
+    Any other input misses and is quantized by the consumer itself, so a stale entry can never be used.
+    """
+
+    def __init__(self):
+        self.key, self.version, self.packed = None, None, None
+
+    def put(self, x: torch.Tensor, packed: PackedAtom) -> None:
+        self.key, self.version, self.packed = x, x._version, packed
+
+    def get(self, x: torch.Tensor) -> PackedAtom | None:
+        if x is self.key and x._version == self.version:
+            return self.packed
+        return None
 
 
 class QuantLinear(torch.nn.Module):
@@ -52,6 +83,8 @@ class QuantLinear(torch.nn.Module):
         self.out_bits, self.out_group = out_bits, out_group
         self.keeper = config.keeper
         self.is_packed = False
+        self.float_dtype = torch.float32  # dtype of the float layer this one replaces (w_ref's dtype)
+        self.shared_input: SharedInput | None = None  # set by atom_lab.set_backend for q/k/v and gate/up
         self.register_buffer("reorder", None)
         self.register_buffer("bias", None)
         self.register_buffer("w_ref", None, persistent=False)
@@ -71,7 +104,8 @@ class QuantLinear(torch.nn.Module):
             stats: atom_lab.ChannelStats of this layer's input (from collect_stats); used for the reorder index
                 when `reorder` is not given, and its `samples` [T, K] as calibration inputs when `inputs` and
                 `hessian` are not given.
-            backend: "reference" (the only one so far).
+            backend: "reference" (float simulation) or "triton" (packed layers only: the kernels run forward; the
+                buffers are the same either way, see set_backend).
             reorder: int64 [K] reorder index (from reorder_index; shared by layers reading the same activation).
             hessian: float [K, K] = X^T X of calibration inputs in the ORIGINAL channel order (GPTQ).
             inputs: float [T, K] calibration inputs in the original order (clip search; GPTQ Hessian if no hessian).
@@ -88,6 +122,8 @@ class QuantLinear(torch.nn.Module):
         N, K = linear.weight.shape
         where = name or f"a linear layer [{N}, {K}]"
         G = config.layer_group_size(K, where)
+        if backend == "triton" and not config.packed(K):
+            raise ValueError(f"backend='triton' cannot run {where} with config {config.name!r}: {TRITON_CONFIGS}.")
         if out_bits < 16 and (out_group is None or N % out_group):
             raise ValueError(f"out_group={out_group} must divide out_features={N} of {where} (use head_dim).")
         dev = linear.weight.device
@@ -137,14 +173,15 @@ class QuantLinear(torch.nn.Module):
                 inputs, W, lambda x, c: fake_quantize_mixed(x, config.a_bits, G, config.keeper, config.keeper_bits,
                                                             c, config.a_symmetric))[0]
 
-        self = cls(K, N, config, G, a_clip, w_clip, out_bits, out_group, backend, name)
+        self = cls(K, N, config, G, a_clip, w_clip, out_bits, out_group, "reference", name)
+        self.float_dtype = linear.weight.dtype
         self.reorder = reorder
         if linear.bias is not None:
             self.bias = linear.bias.detach().clone()
         if config.w_bits >= 16:
             self.w_ref = W.to(linear.weight.dtype)
             self.register_buffer("w_float", self.w_ref)
-            return self
+            return self.set_backend(backend)
         if config.gptq:
             if hessian is None:
                 if inputs is None:
@@ -166,7 +203,7 @@ class QuantLinear(torch.nn.Module):
             self.register_buffer("w_scale", res.scale)
             self.register_buffer("w_zero", None if signed else res.zero)
             self.w_ref = res.weight.to(linear.weight.dtype)
-        return self
+        return self.set_backend(backend)
 
     @classmethod
     @torch.no_grad()
@@ -180,6 +217,8 @@ class QuantLinear(torch.nn.Module):
         several. kwargs go to from_linear (stats, backend, reorder, hessian, inputs).
         Returns: one QuantLinear per input linear, in order.
         """
+        backend = kwargs.pop("backend", "reference")
+        check_backend(backend)
         if not linears or any(not isinstance(m, torch.nn.Linear) for m in linears):
             raise TypeError("linears must be a non-empty list of torch.nn.Linear.")
         K = linears[0].in_features
@@ -194,13 +233,15 @@ class QuantLinear(torch.nn.Module):
         fused.weight.copy_(torch.cat([m.weight for m in linears]))
         label = (names[0].rsplit(".", 1)[0] + "." if "." in names[0] else "") + "+".join(
             n.rsplit(".", 1)[-1] for n in names)
-        whole = cls.from_linear(fused, config, name=label, **kwargs)
+        if backend == "triton" and not config.packed(K):
+            raise ValueError(f"backend='triton' cannot run {label} with config {config.name!r}: {TRITON_CONFIGS}.")
+        whole = cls.from_linear(fused, config, name=label, backend="reference", **kwargs)
         parts, r0 = [], 0
         for m, n, ob in zip(linears, names, out_bits):
             if ob < 16 and (out_group is None or m.out_features % out_group):
                 raise ValueError(f"out_group={out_group} must divide out_features={m.out_features} of {n} "
                                  "(use head_dim).")
-            parts.append(whole._rows(r0, r0 + m.out_features, m, n, ob, out_group))
+            parts.append(whole._rows(r0, r0 + m.out_features, m, n, ob, out_group).set_backend(backend))
             r0 += m.out_features
         return parts
 
@@ -210,6 +251,7 @@ class QuantLinear(torch.nn.Module):
         part = QuantLinear(self.in_features, r1 - r0, self.config, self.group_size, self.a_clip, self.w_clip,
                            out_bits, out_group, self.backend, name)
         part.is_packed = self.is_packed
+        part.float_dtype = self.float_dtype
         part.reorder = self.reorder
         for b in ("packed_q4", "packed_s4", "packed_q8", "packed_s8", "w_q", "w_scale", "w_zero", "w_float"):
             if hasattr(self, b):
@@ -227,7 +269,91 @@ class QuantLinear(torch.nn.Module):
             return None
         return PackedAtom(self.packed_q4, self.packed_s4, self.packed_q8, self.packed_s8, self.group_size)
 
+    def set_backend(self, backend: str) -> QuantLinear:
+        """Run this layer on "reference" (float simulation) or "triton" (the kernels); returns self.
+
+        Nothing is re-quantized: the stored buffers are the same. The triton backend drops the float w_ref cache
+        (the kernels read the packed weight); switching back rebuilds it exactly, dequantize_atom_ref(packed).
+        """
+        check_backend(backend)
+        if backend == "triton" and not self.is_packed:
+            raise ValueError(f"backend='triton' cannot run {self.name or 'this layer'} "
+                             f"(config {self.config.name!r}): {TRITON_CONFIGS}.")
+        if backend == "triton":
+            self.w_ref = None
+        elif self.w_ref is None:
+            self.w_ref = self.dequantized_weight()
+        self.backend = backend
+        return self
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float [N, K] (float_dtype), reordered column order: the stored weight's values, rebuilt from the
+        stored integer levels and scales (exactly what from_linear computed as the reference operand)."""
+        if self.is_packed:
+            return dequantize_atom_ref(self.packed).to(self.float_dtype)
+        if hasattr(self, "w_float"):
+            return self.w_float
+        c = self.config
+        groups = column_groups(self.in_features, c.w_bits, self.group_size, self.keeper, c.keeper_bits, 1.0,
+                               c.w_symmetric)
+        if any(g.bits >= 16 for g in groups):
+            raise ValueError(f"{self.name or 'this layer'} keeps float keeper columns (keeper_bits=16), which are "
+                             "not stored in w_q; its weight cannot be rebuilt from the quantized buffers.")
+        W = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self.w_q.device)
+        for i, g in enumerate(groups):  # the same float32 products as rtn_quantize / gptq_quantize
+            q, s = self.w_q[:, g.start:g.end].float(), self.w_scale[:, i:i + 1].float()
+            W[:, g.start:g.end] = q * s if self.w_zero is None else (q - self.w_zero[:, i:i + 1].float()) * s
+        return W.to(self.float_dtype)
+
+    @property
+    def kernel_index(self) -> torch.Tensor:
+        """int64 [K]: the reorder index the quantize kernels gather with (the identity when not reordering)."""
+        if self.reorder is not None:
+            return self.reorder
+        ident = getattr(self, "_identity", None)
+        if ident is None or ident.device != self.packed_q4.device:
+            self.register_buffer("_identity", torch.arange(self.in_features, device=self.packed_q4.device),
+                                 persistent=False)
+        return self._identity
+
     # --- run time ------------------------------------------------------------------------------------------------
+    def quantize_input(self, x: torch.Tensor) -> PackedAtom:
+        """Triton backend: the PackedAtom of x [..., K] (original channel order), M = x.numel() // K rows.
+
+        Taken from shared_input when the activation was already quantized (by a fused RMSNorm, or by another layer
+        reading the same tensor), else quantized here by reorder_quantize (gather + INT4/INT8 quantize + pack).
+        """
+        if self.shared_input is not None:
+            a = self.shared_input.get(x)
+            if a is not None:
+                return a
+        a = reorder_quantize(x, self.kernel_index, self.group_size, self.keeper, self.a_clip)
+        if self.shared_input is not None:
+            self.shared_input.put(x, a)
+        return a
+
+    def forward_packed(self, a: PackedAtom, lead_shape, dtype: torch.dtype) -> torch.Tensor:
+        """Triton backend: y = a @ W^T (+ bias) by the W4A4 GEMM kernel, from a packed activation of M rows.
+
+        Args:
+            a: PackedAtom of M = prod(lead_shape) token rows, quantized with this layer's index, group and keeper.
+            lead_shape: the leading dimensions of the output; dtype: its dtype (float16/bfloat16/float32).
+        Returns:
+            [*lead_shape, N] of dtype (with the KV-cache fake quantization for k_proj/v_proj when out_bits < 16).
+        """
+        y = w4a4_gemm(a, self.packed, out_dtype=dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)  # a [N] vector, not the [M, N] residual the GEMM epilogue can add
+        return self._quantize_output(y.view(*lead_shape, self.out_features))
+
+    def _quantize_output(self, y: torch.Tensor) -> torch.Tensor:
+        if self.out_bits < 16:
+            # KV cache: asymmetric, per token per head, fake-quantized in float on BOTH backends (the INT4
+            # KV-cache kernel comes in a later chapter). Atom quantizes K AFTER RoPE; this is before it (RoPE is
+            # applied later inside the attention module), an approximation the KV-cache chapter removes.
+            y = fake_quantize_asymmetric(y, self.out_bits, self.out_group)
+        return y
+
     def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize a reordered activation x [..., K] as the real path would, per token; same dtype."""
         c = self.config
@@ -243,15 +369,13 @@ class QuantLinear(torch.nn.Module):
         if x.shape[-1] != self.in_features:  # noqa: SIM102
             raise ValueError(f"{self.name or 'QuantLinear'}: input has {x.shape[-1]} channels, "
                              f"expected in_features={self.in_features}.")
+        if self.backend == "triton":
+            return self.forward_packed(self.quantize_input(x), x.shape[:-1], x.dtype)
         if self.reorder is not None:
             x = x.index_select(-1, self.reorder)  # the real kernels fuse this gather into the norm / SiLU*up
         x = self.quantize_activation(x)
         y = F.linear(x, self.w_ref.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if self.out_bits < 16:
-            # KV cache: asymmetric, per token per head. Atom quantizes K AFTER RoPE; this is before it (RoPE is
-            # applied later inside the attention module), an approximation the KV-cache chapter removes.
-            y = fake_quantize_asymmetric(y, self.out_bits, self.out_group)
-        return y
+        return self._quantize_output(y)
 
     # --- size ----------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -264,7 +388,8 @@ class QuantLinear(torch.nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def size_report(self) -> dict:
-        """Stored bytes vs float16, and the ideal bytes if the integer levels were bit-packed."""
+        """Stored bytes next to the float layer's (float16 and float32 weight), and the ideal bytes if the integer
+        levels were bit-packed; reference_cache_bytes is the float w_ref the reference backend keeps (0 on triton)."""
         N, K, c = self.out_features, self.in_features, self.config
         if self.is_packed:
             fmt = f"packed Atom: INT4 groups of {self.group_size} + {self.keeper} INT8 keeper columns"
@@ -276,10 +401,10 @@ class QuantLinear(torch.nn.Module):
         scales = 0 if c.w_bits >= 16 else (self.w_scale.numel() * 2 * (1 if c.w_symmetric else 1.5)
                                            if not self.is_packed else 0)
         ideal_bits = (K - self.keeper) * c.w_bits + self.keeper * c.keeper_bits if c.w_bits < 16 else K * 16
-        return {"name": self.name, "shape": [N, K], "format": fmt, "stored_bytes": self.nbytes(),
-                "fp16_bytes": N * K * 2, "ideal_bytes": int(N * ideal_bits / 8 + scales) if not self.is_packed
-                else self.nbytes(),
-                "reference_cache_bytes": self.w_ref.numel() * self.w_ref.element_size()}
+        return {"name": self.name, "shape": [N, K], "format": fmt, "backend": self.backend,
+                "stored_bytes": self.nbytes(), "fp16_bytes": N * K * 2, "float32_bytes": N * K * 4,
+                "ideal_bytes": int(N * ideal_bits / 8 + scales) if not self.is_packed else self.nbytes(),
+                "reference_cache_bytes": 0 if self.w_ref is None else self.w_ref.numel() * self.w_ref.element_size()}
 
     def extra_repr(self) -> str:
         c = self.config

@@ -10,7 +10,9 @@ Steps (each only when the config asks for it):
      order (q/k/v, then o, then gate/up, then down): the calibration inputs of each layer come from the already
      quantized layers before it, as in the GPTQ paper;
   5. activations are quantized at run time inside QuantLinear (per token, per group), and with kv_bits < 16 the
-     k_proj / v_proj outputs are fake-quantized per token per head (before RoPE, see QuantLinear.forward).
+     k_proj / v_proj outputs are fake-quantized per token per head (before RoPE, see QuantLinear.forward);
+  6. backend="triton": the model is quantized exactly as for "reference" (GPTQ's calibration inputs flow through
+     the reference layers), then switched with atom_lab.set_backend, so both backends hold the same weights.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from atom_lab.backend import set_backend
 from atom_lab.config import AtomConfig
-from atom_lab.qlinear import QuantLinear, check_backend
+from atom_lab.qlinear import TRITON_CONFIGS, QuantLinear, check_backend
 from atom_lab.reorder import reorder_index
 from atom_lab.smooth import smooth_model
 from atom_lab.stats import calibration_windows, collect_stats, decoder_layers, decoder_layers_name
@@ -116,7 +119,8 @@ def quantize_model(model, config: AtomConfig | str, calibration: Sequence[str] |
         calibration: calibration texts (e.g. load_corpus()["calibration"]["text"]); needed for reordering,
             smoothing, clip search and GPTQ. Keep it disjoint from the evaluation text.
         tokenizer: the model's tokenizer.
-        backend: "reference" (float simulation of the packed kernels; the only backend so far).
+        backend: "reference" (float simulation of the packed kernels) or "triton" (the kernels run the model:
+            packed configs only, see atom_lab.set_backend, which also switches an already quantized model).
         progress: tqdm bars.
         n_tokens, seq_len: calibration tokens and window length (GPTQ papers: 128 x 2048; on a CPU 16-32 windows
             of 512 give most of the gain).
@@ -131,6 +135,12 @@ def quantize_model(model, config: AtomConfig | str, calibration: Sequence[str] |
     if not isinstance(config, AtomConfig):
         raise TypeError(f"config must be an AtomConfig or a preset name, got {type(config).__name__}.")
     blocks_name, blocks = _check_blocks(model, config)
+    if backend == "triton":
+        bad = sorted({m.in_features for b in blocks for m in b.modules()
+                      if isinstance(m, torch.nn.Linear) and not config.packed(m.in_features)})
+        if bad or not config.quantizes:
+            raise ValueError(f"backend='triton' cannot run config {config.name!r}"
+                             f"{f' on layers with in_features {bad}' if bad else ''}: {TRITON_CONFIGS}.")
     # decoder_layers_name finds the blocks by their nn.Linear children, which QuantLinear replaces: remember it.
     model.atom_blocks_name = blocks_name
     if not config.quantizes:
@@ -162,7 +172,7 @@ def quantize_model(model, config: AtomConfig | str, calibration: Sequence[str] |
         parts = QuantLinear.from_linears(
             [block.get_submodule(n) for n in names], config, names=[f"{blocks_name}.{i}.{n}" for n in names],
             out_bits=[config.kv_bits if n in KV_LINEARS else 16 for n in names], out_group=kv_group,
-            backend=backend, reorder=reorder, **extra)
+            reorder=reorder, **extra)
         for n, q in zip(names, parts):
             _set(block, n, q)
 
@@ -177,7 +187,7 @@ def quantize_model(model, config: AtomConfig | str, calibration: Sequence[str] |
                 st = stats.get(f"{blocks_name}.{i}.{names[0]}") if stats is not None and search else None
                 make(block, i, names, index_for(i, names), stats=st)
         model.atom_config = config
-        return model
+        return set_backend(model, backend)
 
     windows = calibration_windows(tokenizer, calibration, n_tokens, seq_len)
     inputs = _block_inputs(model, blocks[0], windows, progress)
@@ -213,7 +223,7 @@ def quantize_model(model, config: AtomConfig | str, calibration: Sequence[str] |
     finally:
         bar.close()
     model.atom_config = config
-    return model
+    return set_backend(model, backend)
 
 
 def model_size_report(model) -> dict:

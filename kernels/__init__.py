@@ -11,6 +11,7 @@ if __name__ != "atom_lab.kernels":
 else:
     from .formats import PackedAtom, check_atom_shape, dequantize_atom_ref, quantize_atom_ref
     from .gemm import w4a4_gemm, w4a4_gemm_ref
+    from .gemm_naive import w4a4_gemm_naive
     from .pack import PACK_BLOCK, pack_int4, pack_int4_ref, unpack_int4, unpack_int4_ref
     from .quantize import (
         reorder_quantize, reorder_quantize_naive, reorder_quantize_ref, rmsnorm_quantize, rmsnorm_quantize_ref,
@@ -20,7 +21,7 @@ else:
     __all__ = [
         "PACK_BLOCK", "pack_int4", "pack_int4_ref", "unpack_int4", "unpack_int4_ref",
         "PackedAtom", "check_atom_shape", "quantize_atom_ref", "dequantize_atom_ref",
-        "w4a4_gemm", "w4a4_gemm_ref",
+        "w4a4_gemm", "w4a4_gemm_ref", "w4a4_gemm_naive",
         "reorder_quantize", "reorder_quantize_naive", "reorder_quantize_ref",
         "rmsnorm_quantize", "rmsnorm_quantize_ref", "rmsnorm_ref",
         "silu_mul_quantize", "silu_mul_quantize_ref", "silu_mul_ref",
