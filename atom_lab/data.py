@@ -44,12 +44,11 @@ def load_corpus(name: str = "wiki", test_fraction: float = 0.1, seed: int = 0) -
     Articles are sorted by title before a seeded split, so the split depends only on (name, test_fraction, seed),
     never on file or dict order. Each row is one article: {"title": str, "text": str}.
     """
-    import datasets
-
     if name not in CORPORA:
         raise ValueError(f"Unknown corpus name {name!r}. Available names: {', '.join(sorted(CORPORA))}.")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}.")
+    import datasets
     with open(_corpus_file(CORPORA[name]), encoding="utf-8") as f:
         articles = json.load(f)
     rows = sorted((a["title"], a["extract"].strip()) for a in articles.values() if a.get("extract", "").strip())

@@ -32,6 +32,14 @@ def _groups(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], K // G, G)
 
 
+def _div(x: torch.Tensor, d: int) -> torch.Tensor:
+    """x / d correctly rounded on every device. On CUDA, PyTorch turns `tensor / python_number` into a multiply by
+    the reciprocal (up to 1 ulp off); a scale 1 ulp off can round to the next float16 and move every level of its
+    group, so the reference would part from the kernels' IEEE division (tl.math.div_rn). A tensor divisor on x's
+    device takes the true-division path."""
+    return x / torch.tensor(float(d), dtype=x.dtype, device=x.device)
+
+
 def quantize_symmetric(x: torch.Tensor, bits: int = 4, group_size: int | None = None, clip: float = 1.0):
     """Symmetric round-to-nearest quantization in groups along the last dimension.
 
@@ -50,7 +58,7 @@ def quantize_symmetric(x: torch.Tensor, bits: int = 4, group_size: int | None = 
         raise ValueError(f"clip must lie in (0, 1], got {clip}.")
     qmax = qmax_of(bits)
     xg = _groups(x.float(), group_size)
-    scale = (clip * xg.abs().amax(dim=-1) / qmax).clamp(min=MIN_SCALE).to(torch.float16)
+    scale = _div(clip * xg.abs().amax(dim=-1), qmax).clamp(min=MIN_SCALE).to(torch.float16)
     q = torch.round(xg / scale.float().unsqueeze(-1)).clamp(-qmax - 1, qmax).to(torch.int8)
     return q.reshape(x.shape), scale
 
@@ -100,7 +108,7 @@ def quantize_asymmetric(x: torch.Tensor, bits: int = 4, group_size: int | None =
     xg = _groups(x.float(), group_size)
     lo = clip * xg.amin(dim=-1).clamp(max=0.0)
     hi = clip * xg.amax(dim=-1).clamp(min=0.0)
-    scale = ((hi - lo) / maxq).clamp(min=MIN_SCALE).to(torch.float16)
+    scale = _div(hi - lo, maxq).clamp(min=MIN_SCALE).to(torch.float16)
     s32 = scale.float()
     zero = torch.round(-lo / s32).clamp(0, maxq)
     q = (torch.round(xg / s32.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, maxq)
@@ -151,7 +159,7 @@ def _fake_symmetric_fast(x: torch.Tensor, bits: int, group_size: int | None, cli
     for bit, since clamped rounded values are small integers that float32 holds exactly. Used at run time."""
     qmax = qmax_of(bits)
     xg = _groups(x.float(), group_size)
-    scale = (clip * xg.abs().amax(dim=-1, keepdim=True) / qmax).clamp_(min=MIN_SCALE).half().float()
+    scale = _div(clip * xg.abs().amax(dim=-1, keepdim=True), qmax).clamp_(min=MIN_SCALE).half().float()
     return torch.round(xg / scale).clamp_(-qmax - 1, qmax).mul_(scale).reshape(x.shape)
 
 

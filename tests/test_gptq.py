@@ -52,7 +52,7 @@ def _layer_inputs(name: str, tokens: int = 1024):
     lin = model.get_submodule(name)
     rows = []
     h = lin.register_forward_pre_hook(lambda m, a: rows.append(a[0].reshape(-1, a[0].shape[-1])))
-    ids = torch.randint(0, 256, (4, tokens // 4), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 256, (4, tokens // 4), generator=torch.Generator().manual_seed(0)).to(model.device)
     with torch.no_grad():
         model(ids)
     h.remove()

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import atom_lab
+from atom_lab import quant as Q
 from atom_lab.kernels import dequantize_atom_ref, quantize_atom_ref
 from atom_lab.quant import (CLIP_GRID, dequantize_asymmetric, fake_quantize, fake_quantize_asymmetric,
                             fake_quantize_mixed, fake_quantize_symmetric, quantize_asymmetric, search_act_clip,
@@ -106,3 +108,11 @@ def test_fake_quantize_asymmetric_keeps_dtype():
     x = torch.randn(3, 64, dtype=torch.float16)
     y = fake_quantize_asymmetric(x, 4, 32)
     assert y.dtype == torch.float16 and (y.float() - x.float()).abs().max() < 0.5
+
+
+def test_scale_division_is_correctly_rounded_on_the_device():
+    """The scale is clip * amax / qmax divided as IEEE does (the kernels use tl.math.div_rn). On CUDA, PyTorch
+    would multiply by 1/qmax instead, 1 ulp off for some inputs, which moves whole groups after float16 rounding."""
+    x = torch.rand(1 << 16, generator=torch.Generator().manual_seed(0)).to(atom_lab.default_device()) * 100
+    for d in (7, 127, 15):
+        assert torch.equal(Q._div(x, d), (x.double() / d).float())

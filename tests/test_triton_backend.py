@@ -121,18 +121,34 @@ def tiny_atom():
 
 
 def test_tiny_models_agree(tiny):
-    """llama, mistral, qwen2: the whole model on the kernels agrees with the reference backend."""
+    """llama, mistral, qwen2 on the kernels vs the reference backend.
+
+    Exact part: every QuantLinear on the kernels, fed the input its reference twin saw, gives the reference output
+    to float32 summation rounding. End to end only closeness is promised: the two GEMMs sum in different orders, and
+    one float32 ulp can move an activation across a rounding boundary, which later layers amplify (on an H100 the
+    tiny llama ends 3% apart in logits from one such flip in block 0's o_proj; on a CPU these seeds flip nothing).
+    """
     arch, model, tok = tiny
     q = quantize_model(copy.deepcopy(model), ATOM_RTN, tokenizer=tok, **CHEAP)
     ids = _ids()
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.__setitem__(m.name, a[0]))
+             for m in q.modules() if isinstance(m, QuantLinear)]
     ref = _logits(q, ids)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for m in q.modules():
+            if isinstance(m, QuantLinear):
+                y_ref, y = m(seen[m.name]), copy.deepcopy(m).set_backend("triton")(seen[m.name])
+                assert ((y - y_ref).norm() / y_ref.norm()).item() < 1e-5, (arch, m.name)
     tri = _logits(set_backend(copy.deepcopy(q), "triton"), ids)
     assert torch.isfinite(tri).all()
     rel = ((tri - ref).norm() / ref.norm()).item()
     top1 = (tri.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert rel < 1e-3 and top1 >= 0.95, (arch, rel, top1)
-    # and both are a quantized model, not the float one
-    assert ((_logits(model, ids) - ref).norm() / ref.norm()).item() > 10 * rel
+    assert rel < 0.1 and top1 >= 0.95, (arch, rel, top1)
+    # and both are a quantized model, far from the float one
+    assert ((_logits(model, ids) - ref).norm() / ref.norm()).item() > 3 * rel
 
 
 def test_direct_triton_quantization_is_the_same_model(tiny_atom):
