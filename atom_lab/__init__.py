@@ -27,7 +27,6 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 
-
 from atom_lab.data import CORPORA, load_corpus
 from atom_lab.eval import eval_windows, perplexity
 from atom_lab.analysis import keeper_sweep, layer_error, matmul_error
