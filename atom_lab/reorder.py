@@ -105,17 +105,7 @@ def reorder_linear(linear: torch.nn.Linear, index: torch.Tensor) -> torch.nn.Lin
         nn.Linear with weight [N, K] = linear.weight[:, index], same dtype and device, so that
         new(reorder_activation(x, index)) == linear(x) up to the order of a float sum.
     """
-    if not isinstance(linear, torch.nn.Linear):
-        raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}.")
-    check_permutation(index, linear.in_features)
-    w = linear.weight
-    new = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w[:, index.to(w.device)])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
-    return new.train(linear.training)
+    return _permuted_copy(linear, index, dim=1)
 
 
 def permute_linear_outputs(linear: torch.nn.Linear, index: torch.Tensor) -> torch.nn.Linear:
@@ -125,16 +115,22 @@ def permute_linear_outputs(linear: torch.nn.Linear, index: torch.Tensor) -> torc
     up_proj offline hands down_proj its input already reordered: no gather at all at run time.
     linear: weight [N, K]; index: LongTensor [N].
     """
+    return _permuted_copy(linear, index, dim=0)
+
+
+def _permuted_copy(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> torch.nn.Linear:
+    """A new nn.Linear with the weight permuted along dim (1: input columns, 0: output rows and the bias)."""
     if not isinstance(linear, torch.nn.Linear):
         raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}.")
-    check_permutation(index, linear.out_features)
+    check_permutation(index, linear.in_features if dim == 1 else linear.out_features)
     w = linear.weight
+    index = index.to(w.device)
     new = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                           device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        new.weight.copy_(w[index.to(w.device)])
+        new.weight.copy_(w.index_select(dim, index))
         if linear.bias is not None:
-            new.bias.copy_(linear.bias[index.to(w.device)])
+            new.bias.copy_(linear.bias if dim == 1 else linear.bias[index])
     return new.train(linear.training)
 
 
