@@ -33,14 +33,14 @@ from atom_lab.analysis import keeper_sweep, layer_error, matmul_error
 from atom_lab.models import MODELS, TINY_ARCHS, cache_dir, load_model, tiny_model
 from atom_lab.reorder import outlier_channels, reorder_activation, reorder_index, reorder_linear
 from atom_lab.stats import ChannelStats, collect_stats, decoder_layers, decoder_layers_name, linear_names
-from atom_lab.quant import (fake_quantize, fake_quantize_asymmetric, fake_quantize_mixed, fake_quantize_symmetric,
+from atom_lab.quantizers import (fake_quantize, fake_quantize_asymmetric, fake_quantize_mixed, fake_quantize_symmetric,
                             quantize_asymmetric, quantize_symmetric, search_act_clip, search_weight_clip)
 from atom_lab.config import PRESETS, AtomConfig, ablation_configs
 from atom_lab.gptq import column_groups, gptq_quantize, rtn_quantize
 from atom_lab.qlinear import QuantLinear, SharedInput
 from atom_lab.backend import FusedMLP, RMSNormQuantize, set_backend
 from atom_lab.smooth import smooth_model
-from atom_lab.quantize import layer_inputs, model_size_report, quantize_model
+from atom_lab.recipe import layer_inputs, model_size_report, quantize_model
 from atom_lab.metrics import evaluate, kl_divergence, top1_agreement
 from atom_lab.serialize import load_quantized, save_quantized
 

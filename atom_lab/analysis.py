@@ -1,6 +1,6 @@
 """Error analysis: how much a quantized matmul y = x W^T deviates from float, for one layer and one setting.
 
-Every quantizer here is atom_lab.quant.fake_quantize_symmetric (the project's contract); this module only decides
+Every quantizer here is atom_lab.quantizers.fake_quantize_symmetric (the project's contract); this module only decides
 which values share a scale:
     per-tensor   one scale for the whole matrix
     per-channel  activations: one scale per input channel (over all tokens); weights: one per output channel (row)
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from atom_lab.quant import fake_quantize_symmetric
+from atom_lab.quantizers import fake_quantize_symmetric
 from atom_lab.reorder import check_keeper, check_permutation, reorder_index
 from atom_lab.stats import ChannelStats, layer_index, module_kind
 

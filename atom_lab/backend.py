@@ -16,7 +16,7 @@ find it in the SharedInput and take the PackedAtom: the activation is quantized 
 The placeholder holds NaN, so anything else that read it would fail loudly instead of computing silently wrong.
 The residual adds stay in PyTorch.
 
-Numerics: the kernels compute RMSNorm and SiLU(gate) * up in float32 (kernels/quantize.py); Hugging Face's bf16/fp16
+Numerics: the kernels compute RMSNorm and SiLU(gate) * up in float32 (kernels/act_quant.py); Hugging Face's bf16/fp16
 modules round to the model dtype in between. On a float32 model the two differ by float32 rounding only. The
 KV cache (config.kv_bits < 16) is fake-quantized in float exactly as on the reference backend (the INT4 KV-cache
 kernel is a later chapter). The state_dict keys and tensors are the same on both backends (the replacements hold

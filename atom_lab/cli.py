@@ -56,7 +56,7 @@ def _cmd_ablation(args) -> int:
 
     from atom_lab.config import ablation_configs
     from atom_lab.metrics import evaluate
-    from atom_lab.quantize import model_size_report, quantize_model
+    from atom_lab.recipe import model_size_report, quantize_model
 
     torch.manual_seed(0)
     if args.threads:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from atom_lab.quant import qmax_of, quantize_asymmetric, quantize_symmetric
+from atom_lab.quantizers import qmax_of, quantize_asymmetric, quantize_symmetric
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def _gptq_loop(W, Hinv, Q, levels, scale, zero, groups, block_size):
 def rtn_quantize(weight: torch.Tensor, groups: list[ColumnGroup]) -> GPTQResult:
     """Round-to-nearest in the same layout and result type as gptq_quantize (the baseline GPTQ improves on).
     gptq_quantize with an identity Hessian gives the same result bit for bit (a test checks it)."""
-    from atom_lab.quant import dequantize_asymmetric, dequantize_symmetric
+    from atom_lab.quantizers import dequantize_asymmetric, dequantize_symmetric
 
     W = weight.detach().float()
     N, K = W.shape

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from atom_lab.config import AtomConfig
 from atom_lab.gptq import column_groups, gptq_quantize, rtn_quantize
 from atom_lab.kernels import PackedAtom, dequantize_atom_ref, reorder_quantize, w4a4_gemm
-from atom_lab.quant import fake_quantize_asymmetric, fake_quantize_mixed, search_act_clip, search_weight_clip
+from atom_lab.quantizers import fake_quantize_asymmetric, fake_quantize_mixed, search_act_clip, search_weight_clip
 from atom_lab.reorder import check_permutation, reorder_index
 
 BACKENDS = ("reference", "triton")

@@ -9,7 +9,7 @@ see benchmarks/common.py):
   w4a4           atom_lab.kernels.w4a4_gemm: packed INT4 activations and weights (group 128, 128 INT8 keeper
                  channels, fp16 out), everything the layer needs from packed inputs to fp16 output: for the "fp8"
                  method that is both unpack kernels plus the GEMM, for "fused" the one kernel.
-and the fused RMSNorm + reorder + quantize kernel (kernels/quantize.py, when present) against the device-to-device
+and the fused RMSNorm + reorder + quantize kernel (kernels/act_quant.py, when present) against the device-to-device
 copy bandwidth, counting bytes read + written.
 
     python benchmarks/bench_gemm.py [--json out.json] [--plot out.png] [--markdown out.md] [--quick]

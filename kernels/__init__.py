@@ -13,7 +13,7 @@ else:
     from .gemm import w4a4_gemm, w4a4_gemm_ref
     from .gemm_naive import w4a4_gemm_naive
     from .pack import PACK_BLOCK, pack_int4, pack_int4_ref, unpack_int4, unpack_int4_ref
-    from .quantize import (
+    from .act_quant import (
         reorder_quantize, reorder_quantize_naive, reorder_quantize_ref, rmsnorm_quantize, rmsnorm_quantize_ref,
         rmsnorm_ref, silu_mul_quantize, silu_mul_quantize_ref, silu_mul_ref,
     )

@@ -8,7 +8,7 @@ channel order, is stored in two parts:
     keeper channels [K - keeper, K): the outliers, INT8, symmetric, one scale per row
         q8: int8    [R, keeper]
         s8: float16 [R, 1]
-The quantizer is atom_lab.quant.quantize_symmetric (the contract every kernel matches bit for bit).
+The quantizer is atom_lab.quantizers.quantize_symmetric (the contract every kernel matches bit for bit).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atom_lab.quant import dequantize_symmetric, quantize_symmetric
+from atom_lab.quantizers import dequantize_symmetric, quantize_symmetric
 
 from .pack import PACK_BLOCK, pack_int4_ref, unpack_int4_ref
 

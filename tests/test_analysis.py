@@ -7,7 +7,7 @@ from atom_lab.analysis import (atom_row_bytes, average_sweeps, bytes_table, fake
                                layer_error, matmul_error, outlier_consistency, outlier_table, relative_error,
                                valid_keepers)
 from atom_lab.kernels import quantize_atom_ref
-from atom_lab.quant import fake_quantize_symmetric
+from atom_lab.quantizers import fake_quantize_symmetric
 
 
 def test_per_token_vs_per_group_by_hand():

@@ -5,7 +5,7 @@ import torch
 import atom_lab
 from atom_lab.gptq import ColumnGroup, column_groups, gptq_quantize, rtn_quantize
 from atom_lab.kernels import dequantize_atom_ref, quantize_atom_ref, unpack_int4_ref
-from atom_lab.quant import fake_quantize_asymmetric, fake_quantize_symmetric
+from atom_lab.quantizers import fake_quantize_asymmetric, fake_quantize_symmetric
 
 
 def test_column_groups_layout():

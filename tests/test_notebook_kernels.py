@@ -1,6 +1,6 @@
 """The kernels notebook 04 writes by hand are the library's, and the naive W4A4 GEMM equals its reference.
 
-Notebook 04 teaches by writing kernels in cells; the library keeps the same code (kernels/quantize.py's naive
+Notebook 04 teaches by writing kernels in cells; the library keeps the same code (kernels/act_quant.py's naive
 quantizer and its helpers, kernels/gemm_naive.py). These tests compare the notebook's cells with the library's source
 (as parsed Python, so comments and formatting may differ), and check the naive GEMM like every other kernel.
 """
@@ -15,7 +15,7 @@ import torch
 
 import atom_lab
 from atom_lab.kernels import gemm_naive, quantize_atom_ref, w4a4_gemm_naive, w4a4_gemm_ref
-from atom_lab.kernels import quantize as qmod
+from atom_lab.kernels import act_quant as qmod
 
 DEV = atom_lab.default_device()
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "04_kernel_writing.ipynb"

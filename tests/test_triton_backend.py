@@ -14,7 +14,7 @@ from atom_lab import AtomConfig, FusedMLP, QuantLinear, RMSNormQuantize, quantiz
 from atom_lab import backend as B
 from atom_lab import qlinear as QL
 from atom_lab.kernels import dequantize_atom_ref, reorder_quantize_ref, rmsnorm_quantize_ref, w4a4_gemm_ref
-from atom_lab.quantize import model_size_report
+from atom_lab.recipe import model_size_report
 
 DEV = atom_lab.default_device()
 TEXTS = [f"Article {i}: the {w} of {v} was measured at {i * 7} units, then again in {1900 + i}." * 6

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from atom_lab.quant import MIN_SCALE, dequantize_symmetric, fake_quantize_symmetric, quantize_symmetric
+from atom_lab.quantizers import MIN_SCALE, dequantize_symmetric, fake_quantize_symmetric, quantize_symmetric
 
 
 def test_int4_group_by_hand():

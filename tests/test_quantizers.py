@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import atom_lab
-from atom_lab import quant as Q
+from atom_lab import quantizers as Q
 from atom_lab.kernels import dequantize_atom_ref, quantize_atom_ref
-from atom_lab.quant import (CLIP_GRID, dequantize_asymmetric, fake_quantize, fake_quantize_asymmetric,
+from atom_lab.quantizers import (CLIP_GRID, dequantize_asymmetric, fake_quantize, fake_quantize_asymmetric,
                             fake_quantize_mixed, fake_quantize_symmetric, quantize_asymmetric, search_act_clip,
                             search_weight_clip)
 

@@ -15,7 +15,7 @@ Why the kernel looks like this:
   bytes. Any K works: chunks are powers of two with masked ragged ends (11008 - 128 = 10880 = 21 x 512 + 128).
   (tl.gather on a register-resident row was tried first: Triton 3.6-3.9 lays such a gather out warp-locally, with
   a number of shuffles quadratic in the row length; a 4096-channel row took ~4 minutes to compile.)
-- Quantization matches atom_lab.quant.quantize_symmetric bit for bit: the group max is exact in any order, the
+- Quantization matches atom_lab.quantizers.quantize_symmetric bit for bit: the group max is exact in any order, the
   division is IEEE (tl.math.div_rn: Triton's `/` on fp32 is the approximate div.full.f32 on NVIDIA GPUs), the
   rounding is half-to-even by the 1.5 * 2^23 add/subtract trick after clamping (the interpreter has no libdevice),
   fp32 -> fp16 conversion rounds to nearest even on both sides.
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from atom_lab.quant import MIN_SCALE
+from atom_lab.quantizers import MIN_SCALE
 
 from ._common import check_tensor, interpreting
 from .formats import PackedAtom, check_atom_shape, quantize_atom_ref

@@ -8,8 +8,8 @@ import torch
 import atom_lab
 from atom_lab import AtomConfig, QuantLinear, evaluate, kl_divergence, quantize_model, top1_agreement
 from atom_lab.kernels import dequantize_atom_ref, quantize_atom_ref
-from atom_lab.quant import fake_quantize_asymmetric, fake_quantize_symmetric
-from atom_lab.quantize import SHARED_INPUTS, model_size_report
+from atom_lab.quantizers import fake_quantize_asymmetric, fake_quantize_symmetric
+from atom_lab.recipe import SHARED_INPUTS, model_size_report
 from atom_lab.smooth import smooth_model
 
 TEXTS = [f"Article {i}: the {w} of {v} was measured at {i * 7} units, then again in {1900 + i}." * 6

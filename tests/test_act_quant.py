@@ -16,7 +16,7 @@ from atom_lab.kernels import (
     PackedAtom, reorder_quantize, reorder_quantize_naive, reorder_quantize_ref, rmsnorm_quantize,
     rmsnorm_quantize_ref, rmsnorm_ref, silu_mul_quantize, silu_mul_quantize_ref, silu_mul_ref,
 )
-from atom_lab.kernels import quantize as qmod
+from atom_lab.kernels import act_quant as qmod
 from atom_lab.kernels.pack import pack_int4_ref, unpack_int4_ref
 
 DEV = atom_lab.default_device()
