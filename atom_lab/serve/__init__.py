@@ -1,0 +1,17 @@
+"""atom_lab.serve: a small continuous-batching engine (chapter 06), nano-vllm-shaped.
+
+    request.py        requests, sequences, sampling
+    block_manager.py  KV pages per sequence, ref counts
+    scheduler.py      FCFS continuous batching, prefill / decode steps, preemption by recompute
+    memory.py         bytes of weights, KV and activations per format; the largest batch for a budget
+    hardware.py       GPU profiles (H200 measured; H100, A100, RTX 4090 datasheet peaks)
+    sim.py            the same scheduler over a cost model instead of a model runner
+    model_runner.py   runs a Llama-architecture decoder on the paged KV cache (atom_lab.kv_cache)
+    engine.py         requests in, tokens out
+"""
+from atom_lab.serve.block_manager import BlockManager, OutOfPages
+from atom_lab.serve.request import SamplingParams, Sequence, Status, sample
+from atom_lab.serve.scheduler import Scheduler, SchedulerConfig
+
+__all__ = ["BlockManager", "OutOfPages", "SamplingParams", "Sequence", "Status", "sample", "Scheduler",
+           "SchedulerConfig"]
