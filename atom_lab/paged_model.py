@@ -1,0 +1,280 @@
+"""Run a Hugging Face Llama-architecture decoder on the paged KV cache: batched prefill / decode steps, greedy
+generation, teacher-forced perplexity, and the float simulation of a KV format to compare with.
+
+PagedDecoder walks the model's own modules (embedding, each block's norms, q/k/v/o projections, MLP, final norm,
+lm_head), so float nn.Linear layers and atom_lab QuantLinear layers on backend "reference" or "triton" (with its
+fused RMSNorm + quantize) all work unchanged; only attention is replaced by the cache. A batch is flattened to
+one row of N = sum(T_i) tokens: every linear layer sees all sequences at once, attention is per sequence.
+The API is documented in atom_lab/kv_cache.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from atom_lab.kernels.attention import (gather_kv_ref, paged_decode_attention, paged_decode_attention_ref,
+                                        prefill_attention, rope_ref)
+from atom_lab.kernels.kv_cache import kv_write, kv_write_ref
+from atom_lab.kv_cache import KVCacheFull, KVFormat, PagePool, PageTable
+from atom_lab.qlinear import QuantLinear
+from atom_lab.quantizers import fake_quantize_asymmetric
+
+ARCHS = ("llama", "mistral", "qwen2")
+PREFILL_MODES = ("cache", "fresh")
+
+
+@contextlib.contextmanager
+def _kv_outputs_unquantized(layers):
+    """QuantLinear k_proj/v_proj with out_bits < 16 fake-quantize their output (the float simulation of the KV
+    cache); through the real cache that would quantize twice, so switch it off for the step."""
+    saved = []
+    for m in layers:
+        if isinstance(m, QuantLinear) and m.out_bits < 16:
+            saved.append((m, m.out_bits))
+            m.out_bits = 16
+    try:
+        yield
+    finally:
+        for m, b in saved:
+            m.out_bits = b
+
+
+class PagedDecoder:
+    """model + PagePool -> step(tables, token_ids) (atom_lab/kv_cache.py gives the contract).
+
+    kernels: "triton" (kv_write + split-KV decode kernels) or "reference" (their PyTorch twins); default: "triton"
+    when the model runs on atom_lab's triton backend or sits on a GPU, else "reference".
+    prefill: "cache" (attend over K/V as stored, quantized) or "fresh" (the chunk's own float K/V, as Atom).
+    """
+
+    def __init__(self, model, pool: PagePool, kernels: str | None = None, prefill: str = "cache"):
+        c = model.config
+        if getattr(c, "model_type", None) not in ARCHS:
+            raise ValueError(f"PagedDecoder runs Llama-architecture models ({', '.join(ARCHS)}); got model_type="
+                             f"{getattr(c, 'model_type', None)!r}.")
+        if not isinstance(pool, PagePool):
+            raise TypeError(f"pool must be an atom_lab.PagePool, got {type(pool).__name__}.")
+        self.model, self.pool = model, pool
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        self.Hq = c.num_attention_heads
+        self.Hkv = getattr(c, "num_key_value_heads", None) or self.Hq
+        self.D = getattr(c, "head_dim", None) or c.hidden_size // self.Hq
+        if (pool.num_layers, pool.num_kv_heads, pool.head_dim) != (len(self.layers), self.Hkv, self.D):
+            raise ValueError(f"pool shape (layers, kv heads, head_dim) = {(pool.num_layers, pool.num_kv_heads, pool.head_dim)}"
+                             f" does not match the model's {(len(self.layers), self.Hkv, self.D)}; build it with "
+                             "PagePool.for_model(model, fmt, ...).")
+        device = next(model.parameters()).device
+        if pool.device.type != device.type:
+            raise ValueError(f"pool is on {pool.device} but the model on {device}; build the pool on the model's device.")
+        if kernels is None:
+            kernels = "triton" if (getattr(model, "atom_backend", None) == "triton" or device.type == "cuda") \
+                else "reference"
+        if kernels not in ("triton", "reference"):
+            raise ValueError(f"kernels={kernels!r}: use 'triton' or 'reference'.")
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill={prefill!r}: use 'cache' or 'fresh'.")
+        self.kernels, self.prefill, self.device = kernels, prefill, device
+        rot = self.inner.rotary_emb
+        self.inv_freq = rot.inv_freq.float().to(device)
+        self.rope_scaling = float(getattr(rot, "attention_scaling", 1.0))
+        self.sm_scale = float(getattr(self.layers[0].self_attn, "scaling", self.D ** -0.5))
+        self.kv_linears = [m for lay in self.layers for m in (lay.self_attn.k_proj, lay.self_attn.v_proj)]
+
+    # --- one step ------------------------------------------------------------------------------------------------
+    def _check_batch(self, tables, token_ids):
+        if not isinstance(tables, (list, tuple)) or not tables:
+            raise ValueError("tables must be a non-empty list of PageTable, one per sequence.")
+        if not isinstance(token_ids, (list, tuple)) or len(token_ids) != len(tables):
+            raise ValueError(f"token_ids must be a list with one LongTensor per table ({len(tables)}).")
+        ids = []
+        for i, (t, x) in enumerate(zip(tables, token_ids)):
+            if not isinstance(t, PageTable) or t.pool is not self.pool:
+                raise ValueError(f"tables[{i}] is not a PageTable of this decoder's pool.")
+            x = torch.as_tensor(x)
+            if x.dtype != torch.long or x.dim() != 1 or x.numel() == 0:
+                raise ValueError(f"token_ids[{i}] must be a non-empty 1-D LongTensor, got {x.dtype} {tuple(x.shape)}.")
+            self.pool.check_pages(t.pages, f"tables[{i}]")
+            ids.append(x)
+        if len({id(t) for t in tables}) != len(tables):
+            raise ValueError("the same PageTable appears twice in one batch.")
+        return ids
+
+    @torch.no_grad()
+    def step(self, tables: list[PageTable], token_ids: list[torch.Tensor], all_logits: bool = False):
+        """One forward of the batch (contract in atom_lab/kv_cache.py). Returns a list of float32 logits."""
+        ids = self._check_batch(tables, token_ids)
+        need = sum(t.pages_for(x.numel()) for t, x in zip(tables, ids))
+        if need > self.pool.free_pages:
+            raise KVCacheFull(need, self.pool.free_pages)
+        for t, x in zip(tables, ids):
+            t.reserve(x.numel())
+        pool, dev, D = self.pool, self.device, self.D
+        lens = [x.numel() for x in ids]
+        starts = [t.length for t in tables]
+        pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]).to(dev)
+        slots = torch.cat([t.slots(s, n) for t, s, n in zip(tables, starts, lens)]).to(dev)
+        flat = torch.cat(ids).to(dev)
+        N = flat.numel()
+        decode = [i for i, n in enumerate(lens) if n == 1]
+        prefill = [i for i, n in enumerate(lens) if n > 1]
+        offsets = [0]
+        for n in lens:
+            offsets.append(offsets[-1] + n)
+        new_len = [s + n for s, n in zip(starts, lens)]
+        if decode:
+            maxp = max(len(tables[i].pages) for i in decode)
+            pt = torch.zeros(len(decode), maxp, dtype=torch.int32)
+            for r, i in enumerate(decode):
+                pt[r, : len(tables[i].pages)] = torch.tensor(tables[i].pages, dtype=torch.int32)
+            pt = pt.to(dev)
+            dlen = torch.tensor([new_len[i] for i in decode], dtype=torch.int32, device=dev)
+            drows = torch.tensor([offsets[i] for i in decode], device=dev)
+        write = kv_write if self.kernels == "triton" else kv_write_ref
+        decode_attn = paged_decode_attention if self.kernels == "triton" else paged_decode_attention_ref
+        fmt = pool.fmt
+        rope = (self.inv_freq, self.rope_scaling) if fmt.rope == "pre" else None
+
+        x = self.inner.embed_tokens(flat)[None]  # [1, N, H]
+        cos, sin = self.inner.rotary_emb(x, pos[None])
+        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [N, 1, D]
+
+        def rot(t):  # HF's apply_rotary_pos_emb on [N, H, D]
+            t1, t2 = t[..., : D // 2], t[..., D // 2:]
+            return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+
+        with _kv_outputs_unquantized(self.kv_linears):
+            for li, layer in enumerate(self.layers):
+                attn = layer.self_attn
+                residual = x
+                h = layer.input_layernorm(x)
+                q = attn.q_proj(h).view(N, self.Hq, D)
+                k = attn.k_proj(h).view(N, self.Hkv, D)
+                v = attn.v_proj(h).view(N, self.Hkv, D)
+                q = rot(q)
+                k_rot = rot(k)
+                kc, ksz, vc, vsz = pool.k_codes[li], pool.k_sz[li], pool.v_codes[li], pool.v_sz[li]
+                write(k if fmt.rope == "pre" else k_rot, slots, kc, ksz, fmt.bits, pool.group_size)
+                write(v, slots, vc, vsz, fmt.bits, pool.group_size)
+                out = torch.empty(N, self.Hq, D, dtype=torch.float32, device=dev)
+                if decode:
+                    out[drows] = decode_attn(q[drows], kc, ksz, vc, vsz, pt, dlen, fmt.bits, pool.page_size,
+                                             self.sm_scale, rope)
+                for i in prefill:
+                    t = tables[i]
+                    pages = torch.tensor(t.pages, dtype=torch.int64, device=dev)
+                    kk = gather_kv_ref(kc, ksz, fmt.bits, pages, new_len[i], pool.page_size)
+                    vv = gather_kv_ref(vc, vsz, fmt.bits, pages, new_len[i], pool.page_size)
+                    if rope is not None:
+                        kk = rope_ref(kk, torch.arange(new_len[i], device=dev), *rope)
+                    a, b = offsets[i], offsets[i + 1]
+                    if self.prefill == "fresh":
+                        kk[starts[i]:], vv[starts[i]:] = k_rot[a:b].float(), v[a:b].float()
+                    out[a:b] = prefill_attention(q[a:b].float(), kk, vv, self.sm_scale)
+                x = residual + attn.o_proj(out.to(x.dtype).view(1, N, self.Hq * D))
+                residual = x
+                x = residual + layer.mlp(layer.post_attention_layernorm(x))
+        for t, n in zip(tables, lens):
+            t.length += n
+        x = self.inner.norm(x)[0]
+        if all_logits:
+            logits = self.model.lm_head(x).float()
+            return [logits[offsets[i]: offsets[i + 1]] for i in range(len(lens))]
+        last = torch.tensor([o - 1 for o in offsets[1:]], device=dev)
+        logits = self.model.lm_head(x[last]).float()
+        return list(logits)
+
+    # --- loops ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[torch.Tensor], max_new_tokens: int = 32, eos_token_id: int | None = None):
+        """Greedy generation for a batch of prompts (LongTensor [T_i] each) -> list of generated ids per prompt.
+        The pages are freed at the end (also on error)."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int.")
+        tables = [PageTable(self.pool) for _ in prompts]
+        out = [[] for _ in prompts]
+        try:
+            logits = self.step(tables, list(prompts))
+            live = list(range(len(prompts)))
+            for _ in range(max_new_tokens):
+                nxt = [int(lg.argmax()) for lg in logits]
+                for i, tok in zip(live, nxt):
+                    out[i].append(tok)
+                keep = [(i, tok) for i, tok in zip(live, nxt) if tok != eos_token_id]
+                if not keep or len(out[live[0]]) >= max_new_tokens:
+                    break
+                live = [i for i, _ in keep]
+                logits = self.step([tables[i] for i in live], [torch.tensor([tok]) for _, tok in keep])
+        finally:
+            for t in tables:
+                if t.pages:
+                    t.free()
+        return out
+
+    @torch.no_grad()
+    def window_nll(self, windows: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Teacher-forced summed NLL per window through the cache. windows: LongTensor [n, L]; chunk: tokens per
+        prefill step (None = the whole window in one step). Returns float64 [n]."""
+        out = torch.empty(windows.shape[0], dtype=torch.float64)
+        L = windows.shape[1]
+        chunk = chunk or L
+        for w in range(windows.shape[0]):
+            t = PageTable(self.pool)
+            try:
+                logits = torch.cat([self.step([t], [windows[w, s: s + chunk]], all_logits=True)[0]
+                                    for s in range(0, L, chunk)])
+            finally:
+                t.free()
+            tgt = windows[w, 1:].to(logits.device)
+            out[w] = torch.nn.functional.cross_entropy(logits[:-1], tgt, reduction="sum").double().cpu()
+        return out
+
+    def perplexity(self, windows: torch.Tensor, chunk: int | None = None) -> float:
+        nll = self.window_nll(windows, chunk)
+        return math.exp(nll.sum().item() / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The float simulation of a KV format (fake quantization inside the HF model), to compare the real cache with
+# ---------------------------------------------------------------------------------------------------------------
+def fake_quantize_kv(x: torch.Tensor, fmt: KVFormat, head_dim: int) -> torch.Tensor:
+    """x: float [..., H * head_dim] or [..., head_dim] -> the values the cache would hand back (x's dtype)."""
+    if fmt.bits == 16:
+        return x.to(fmt.dtype).to(x.dtype)
+    shape = x.shape
+    y = fake_quantize_asymmetric(x.reshape(*shape[:-1], -1, head_dim), fmt.bits, fmt.group(head_dim))
+    return y.reshape(shape)
+
+
+@contextlib.contextmanager
+def simulate_kv(model, fmt: KVFormat):
+    """Inside the block, model(...) fake-quantizes V and K (before RoPE for fmt.rope == "pre", after it for
+    "post") exactly as the paged cache stores them. The model's own layers must not quantize K/V already."""
+    import importlib
+
+    c = model.config
+    D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    mod = importlib.import_module(type(model.model.layers[0].self_attn).__module__)
+    hooks = []
+    for layer in model.model.layers:
+        a = layer.self_attn
+        if any(isinstance(m, QuantLinear) and m.out_bits < 16 for m in (a.k_proj, a.v_proj)):
+            raise ValueError("the model's k_proj/v_proj already fake-quantize K/V (kv_bits < 16): quantize it "
+                             "with kv_bits=16 to simulate another KV format.")
+        hooks.append(a.v_proj.register_forward_hook(lambda m, i, o: fake_quantize_kv(o, fmt, D)))
+        if fmt.rope == "pre":
+            hooks.append(a.k_proj.register_forward_hook(lambda m, i, o: fake_quantize_kv(o, fmt, D)))
+    original = mod.apply_rotary_pos_emb
+    if fmt.rope == "post":
+        def rotate_then_quantize(q, k, cos, sin, *args, **kwargs):
+            q, k = original(q, k, cos, sin, *args, **kwargs)
+            return q, fake_quantize_kv(k, fmt, D)
+        mod.apply_rotary_pos_emb = rotate_then_quantize
+    try:
+        yield model
+    finally:
+        mod.apply_rotary_pos_emb = original
+        for h in hooks:
+            h.remove()

@@ -1,0 +1,253 @@
+"""Attention over the paged KV cache: split-KV decode attention (+ LSE merge) and prefill attention.
+
+Decode (one query token per sequence), flash-decoding in two stages:
+  stage 1, one program per (sequence, KV head, split): the split's pages are read through the page table, the codes
+           dequantized in registers ((code - zero) * scale, never a dequantized copy in memory), RoPE applied to K
+           when the cache holds pre-RoPE keys (Atom), and an online softmax over the split gives a partial output
+           and its log-sum-exp LSE = max + log(sum). All query heads of the KV head (GQA: 3 for SmolLM2, 4 for
+           Mistral) share the program, so each K/V byte is read once.
+  stage 2, one program per (sequence, query head): merge the splits: out = sum_s exp(lse_s - LSE) out_s.
+Prefill: the library's SDPA (torch.nn.functional.scaled_dot_product_attention, causal) over the sequence's K/V as
+read back from the cache (what the float simulation of the same KV format computes), or over the fresh float K/V
+of the chunk (Atom's choice); see atom_lab.kv_cache.
+
+Storage layout (atom_lab.kv_cache.PagePool): a layer's K codes [S, Hkv, code_bytes] with slot S = page * page_size +
+offset, (scale, zero) float16 [S, Hkv, D/G, 2]; a float cache stores [S, Hkv, D] in float16/bfloat16.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import check_tensor, interpreting
+from .kv_cache import dequantize_kv_ref
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PyTorch references
+# ---------------------------------------------------------------------------------------------------------------
+def rope_ref(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """Llama's RoPE (rotate_half convention) in float32. x: [T, H, D]; pos: int [T]; inv_freq: float32 [D/2]."""
+    freqs = pos.float()[:, None] * inv_freq.float()[None, :]
+    cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
+    x = x.float()
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def gather_kv_ref(codes: torch.Tensor, sz: torch.Tensor | None, bits: int, pages: torch.Tensor, length: int,
+                  page_size: int) -> torch.Tensor:
+    """The first `length` tokens of one sequence as float32 [length, Hkv, D] (dequantized). pages: int [n_pages]."""
+    pos = torch.arange(length, device=codes.device)
+    slots = pages.long()[pos // page_size] * page_size + pos % page_size
+    if bits >= 16:
+        return codes[slots].float()
+    return dequantize_kv_ref(codes[slots], sz[slots], bits)
+
+
+def paged_decode_attention_ref(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, bits: int, page_size: int,
+                               sm_scale: float, rope: tuple | None = None) -> torch.Tensor:
+    """Reference decode attention.
+
+    Args:
+        q: float [B, Hq, D] one query per sequence (already rotated).
+        k_codes, v_codes: a layer's storage (module docstring); k_sz, v_sz: its (scale, zero) or None for bits 16.
+        page_table: int32 [B, max_pages] page ids (entries past a sequence's pages are ignored).
+        lengths: int32 [B] tokens in each sequence (>= 1), including the one just written.
+        rope: (inv_freq float32 [D/2], scaling) when K is stored before RoPE (rotated here at positions 0..len-1).
+    Returns:
+        float32 [B, Hq, D].
+    """
+    B, Hq, D = q.shape
+    out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        n = int(lengths[b])
+        k = gather_kv_ref(k_codes, k_sz, bits, page_table[b], n, page_size)
+        v = gather_kv_ref(v_codes, v_sz, bits, page_table[b], n, page_size)
+        if rope is not None:
+            k = rope_ref(k, torch.arange(n, device=q.device), *rope)
+        rep = Hq // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [n, Hq, D]
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * sm_scale
+        out[b] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v)
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """Causal attention of a chunk's T queries over the sequence's first N = past + T keys (SDPA).
+
+    q: [T, Hq, D]; k, v: [N, Hkv, D] (same float dtype as q) -> [T, Hq, D]. Query i sits at position N - T + i.
+    """
+    T, Hq, D = q.shape
+    N, Hkv = k.shape[0], k.shape[1]
+    i = torch.arange(T, device=q.device)[:, None] + (N - T)
+    mask = torch.arange(N, device=q.device)[None, :] <= i  # [T, N]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, scale=sm_scale, enable_gqa=Hq != Hkv)
+    return out[0].transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton: split-KV decode + merge
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_half(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+               BITS: tl.constexpr, mask):
+    """Rows `slot` [N] of head h -> (channels [0, D/2), channels [D/2, D)) as float32 [N, D/2] each, dequantized."""
+    d = tl.arange(0, HALF)[None, :]
+    row = slot[:, None] * Hkv + h
+    m = mask[:, None]
+    if BITS == 16:
+        lo = tl.load(codes_ptr + row * D + d, mask=m, other=0.0).to(tl.float32)
+        hi = tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0.0).to(tl.float32)
+    else:
+        NG: tl.constexpr = D // G
+        if BITS == 4:
+            b = tl.load(codes_ptr + row * HALF + d, mask=m, other=0)
+            clo = (b & 0xF).to(tl.float32)
+            chi = (b >> 4).to(tl.float32)
+        else:
+            clo = tl.load(codes_ptr + row * D + d, mask=m, other=0).to(tl.float32)
+            chi = tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0).to(tl.float32)
+        base = sz_ptr + row * (NG * 2)
+        if NG == 1:  # one (scale, zero) per token per head: broadcast, no per-channel loads
+            s = tl.load(base, mask=m, other=0.0).to(tl.float32)
+            z = tl.load(base + 1, mask=m, other=0.0).to(tl.float32)
+            lo = (clo - z) * s
+            hi = (chi - z) * s
+        else:
+            glo = (d // G) * 2
+            ghi = ((d + HALF) // G) * 2
+            lo = (clo - tl.load(base + glo + 1, mask=m, other=0.0).to(tl.float32)) * \
+                tl.load(base + glo, mask=m, other=0.0).to(tl.float32)
+            hi = (chi - tl.load(base + ghi + 1, mask=m, other=0.0).to(tl.float32)) * \
+                tl.load(base + ghi, mask=m, other=0.0).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_ptr, inv_freq_ptr, o_ptr, lse_ptr,
+                         Hq, Hkv, max_pages, pages_per_split, sm_scale, rope_scaling,
+                         D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PAGE: tl.constexpr,
+                         QPK: tl.constexpr, BLOCK_Q: tl.constexpr, ROPE: tl.constexpr, NSPLIT: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    HALF: tl.constexpr = D // 2
+    n = tl.load(len_ptr + b)
+    p0 = sp * pages_per_split
+    t0 = p0 * PAGE
+    qi = tl.arange(0, BLOCK_Q)
+    qmask = qi < QPK
+    qh = h * QPK + qi  # the query heads of KV head h
+    d = tl.arange(0, HALF)
+    qrow = q_ptr + (b * Hq + qh[:, None]) * D
+    q_lo = tl.load(qrow + d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32) * sm_scale
+    q_hi = tl.load(qrow + HALF + d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32) * sm_scale
+    m_i = tl.full([BLOCK_Q], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc_lo = tl.zeros([BLOCK_Q, HALF], tl.float32)
+    acc_hi = tl.zeros([BLOCK_Q, HALF], tl.float32)
+    if ROPE:
+        inv_freq = tl.load(inv_freq_ptr + d)
+    for j in range(0, pages_per_split):
+        pidx = p0 + j
+        t = pidx * PAGE + tl.arange(0, PAGE)
+        tmask = t < n
+        if pidx * PAGE < n:
+            page = tl.load(pt_ptr + b * max_pages + pidx)
+            slot = page.to(tl.int64) * PAGE + tl.arange(0, PAGE)
+            k_lo, k_hi = _load_half(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
+            if ROPE:  # K stored before RoPE (Atom): rotate the dequantized halves at their positions
+                f = t.to(tl.float32)[:, None] * inv_freq[None, :]
+                c = tl.cos(f) * rope_scaling
+                s = tl.sin(f) * rope_scaling
+                k_lo, k_hi = k_lo * c - k_hi * s, k_hi * c + k_lo * s
+            # [BLOCK_Q, PAGE] scores; fp32 products summed over the head (exact enough, and the same on the CPU)
+            sc = tl.sum(q_lo[:, None, :] * k_lo[None, :, :], axis=2) + tl.sum(q_hi[:, None, :] * k_hi[None, :, :],
+                                                                           axis=2)
+            sc = tl.where(tmask[None, :], sc, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_lo, v_hi = _load_half(vc_ptr, vsz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
+            acc_lo = acc_lo * alpha[:, None] + tl.sum(p[:, :, None] * v_lo[None, :, :], axis=1)
+            acc_hi = acc_hi * alpha[:, None] + tl.sum(p[:, :, None] * v_hi[None, :, :], axis=1)
+            m_i = m_new
+    valid = t0 < n
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    orow = o_ptr + ((b * Hq + qh[:, None]) * NSPLIT + sp) * D
+    tl.store(orow + d[None, :], acc_lo / l_safe[:, None], mask=qmask[:, None])
+    tl.store(orow + HALF + d[None, :], acc_hi / l_safe[:, None], mask=qmask[:, None])
+    lse = tl.where(valid, m_i + tl.log(l_safe), -float("inf"))
+    tl.store(lse_ptr + (b * Hq + qh) * NSPLIT + sp, lse, mask=qmask)
+
+
+@triton.jit
+def _merge_kernel(o_ptr, lse_ptr, out_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
+    # One program per (sequence, query head): out = sum_s exp(lse_s - LSE) o_s over the splits that saw tokens.
+    row = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < NSPLIT
+    lse = tl.load(lse_ptr + row * NSPLIT + s, mask=smask, other=-float("inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp(lse - m)
+    w = w / tl.sum(w, axis=0)
+    d = tl.arange(0, D)
+    o = tl.load(o_ptr + (row * NSPLIT + s[:, None]) * D + d[None, :], mask=smask[:, None], other=0.0)
+    tl.store(out_ptr + row * D + d, tl.sum(o * w[:, None], axis=0))
+
+
+def merge_splits_ref(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Reference merge. o: float32 [R, S, D] partial outputs; lse: float32 [R, S] (-inf = empty split) -> [R, D]."""
+    w = torch.softmax(lse, dim=-1)
+    return (o * w[..., None]).sum(dim=1)
+
+
+def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, bits: int, page_size: int,
+                           sm_scale: float, rope: tuple | None = None, num_splits: int | None = None,
+                           max_length: int | None = None) -> torch.Tensor:
+    """Triton split-KV decode attention; same arguments and result as paged_decode_attention_ref (float32 out).
+
+    num_splits: KV splits per sequence (default: enough programs to fill the GPU; 1-4 on the CPU interpreter).
+    max_length: an upper bound of `lengths` (avoids reading it back from the device, e.g. inside a CUDA graph).
+    """
+    check_tensor(q, "q", (torch.float32, torch.float16, torch.bfloat16), dim=3)
+    check_tensor(page_table, "page_table", torch.int32, dim=2)
+    check_tensor(lengths, "lengths", torch.int32, dim=1)
+    B, Hq, D = q.shape
+    Hkv = k_codes.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"q has {Hq} heads, not a multiple of the cache's {Hkv} KV heads.")
+    if D & (D - 1):
+        raise ValueError(f"head_dim={D} must be a power of two for the decode kernel.")
+    G = D if bits >= 16 else D // k_sz.shape[2]
+    max_pages = page_table.shape[1]
+    if max_length is None:
+        max_length = max_pages * page_size
+    pages_needed = max(1, -(-max_length // page_size))
+    if num_splits is None:
+        if interpreting():
+            num_splits = min(2, pages_needed)
+        else:  # aim at ~4 programs per SM over the B * Hkv (sequence, head) pairs
+            num_splits = max(1, min(pages_needed, -(-528 // (B * Hkv))))
+    pages_per_split = -(-pages_needed // num_splits)
+    num_splits = -(-pages_needed // pages_per_split)
+    qpk = Hq // Hkv
+    o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    inv_freq, scaling = rope if rope is not None else (q, 1.0)
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q.contiguous(), k_codes, k_sz if k_sz is not None else k_codes, v_codes, v_sz if v_sz is not None else v_codes,
+        page_table, lengths, inv_freq, o, lse, Hq, Hkv, max_pages, pages_per_split, float(sm_scale), float(scaling),
+        D=D, G=G, BITS=bits, PAGE=page_size, QPK=qpk, BLOCK_Q=max(1, triton.next_power_of_2(qpk)),
+        ROPE=rope is not None, NSPLIT=num_splits, num_warps=4)
+    out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
+    _merge_kernel[(B * Hq,)](o, lse, out, D=D, NSPLIT=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))
+    return out
