@@ -18,7 +18,7 @@ import atom_lab  # noqa: E402,F401
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from atom_lab.kernels import gemm  # noqa: E402
+from atom_lab.kernels import gemm_fp8, gemm_int4  # noqa: E402
 
 D16 = [["tt.divisibility", 16]]
 
@@ -69,7 +69,7 @@ FP8_DIV = ["a8", "saT", "ka", "ska", "w8", "swT", "kw", "skw", "out", "res", "M"
 def fused(BX, BY, split, nw, ns, G=128):
     ce = dict(GROUP=G, BX=BX, BY=BY, GROUP_X=8, SPLIT=split, HAS_RES=False, KPC=64)
     return report(f"fused BX{BX} BY{BY} split{split} w{nw} s{ns} G{G}",
-                  compile_kernel(gemm._w4a4_fused_kernel, FUSED_SIG, ce, FUSED_DIV, nw, ns))
+                  compile_kernel(gemm_int4._w4a4_fused_kernel, FUSED_SIG, ce, FUSED_DIV, nw, ns))
 
 
 def fp8(BM, BN, nw, ns, G=128, tma=False):
@@ -80,9 +80,9 @@ def fp8(BM, BN, nw, ns, G=128, tma=False):
         sig["w_desc"] = f"tensordesc<fp8e4nv[{BN}, {G}]>"
         div = [d for d in FP8_DIV if d not in ("a8", "w8", "s_a8", "s_w8")]
         return report(f"fp8-tma BM{BM} BN{BN} w{nw} s{ns} G{G}",
-                      compile_kernel(gemm._fp8_group_gemm_tma_kernel, sig, ce, div, nw, ns))
+                      compile_kernel(gemm_fp8._fp8_group_gemm_tma_kernel, sig, ce, div, nw, ns))
     return report(f"fp8 BM{BM} BN{BN} w{nw} s{ns} G{G}",
-                  compile_kernel(gemm._fp8_group_gemm_kernel, FP8_SIG, ce, FP8_DIV, nw, ns))
+                  compile_kernel(gemm_fp8._fp8_group_gemm_kernel, FP8_SIG, ce, FP8_DIV, nw, ns))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import atom_lab  # noqa: E402,F401
 
 import torch  # noqa: E402
 
-from atom_lab.kernels import gemm as G  # noqa: E402
+from atom_lab.kernels import gemm_fp8, gemm_int4  # noqa: E402
 from atom_lab.kernels import w4a4_gemm, w4a4_gemm_ref  # noqa: E402
 from benchmarks.common import LLAMA2_7B, bench_ms, copy_bandwidth_gbs, device_facts, library_fns, packed_inputs  # noqa: E402,E501
 
@@ -92,7 +92,7 @@ def main():
                 for BX in (64, 128):
                     for split in ((1, 2, 4, 8, 16) if M <= 16 else (1, 2, 4, 8)):
                         def fn(BX=BX, split=split):
-                            G._launch_fused(wq, a, out16, None, True, BX, BY, split, 4, 4)
+                            gemm_int4._launch_fused(wq, a, out16, None, True, BX, BY, split, 4, 4)
                             return out16
                         t = record(shape, M, f"fused swap BX{BX} BY{BY} split{split} s4", fn, ref)
                         if t is not None and t < best[1]:
@@ -101,38 +101,38 @@ def main():
                     BX, split = best[0]
                     for ns in (3, 6):
                         def fn(BX=BX, split=split, ns=ns):
-                            G._launch_fused(wq, a, out16, None, True, BX, BY, split, 4, ns)
+                            gemm_int4._launch_fused(wq, a, out16, None, True, BX, BY, split, 4, ns)
                             return out16
                         record(shape, M, f"fused swap BX{BX} BY{BY} split{split} s{ns}", fn, ref)
             else:
-                a8 = G.unpack_fp8(a)
-                w8 = G.unpack_fp8(wq)
-                record(shape, M, "unpack_fp8 A", lambda: G.unpack_fp8(a)[0])
-                record(shape, M, "unpack_fp8 W", lambda: G.unpack_fp8(wq)[0])
+                a8 = gemm_fp8.unpack_fp8(a)
+                w8 = gemm_fp8.unpack_fp8(wq)
+                record(shape, M, "unpack_fp8 A", lambda: gemm_fp8.unpack_fp8(a)[0])
+                record(shape, M, "unpack_fp8 W", lambda: gemm_fp8.unpack_fp8(wq)[0])
                 for BM, BN, nw, ns, tma in ((128, 128, 8, 3, True), (128, 128, 8, 4, True), (64, 128, 4, 3, True),
                                             (64, 128, 4, 4, True), (64, 128, 4, 5, True), (128, 64, 4, 4, True),
                                             (64, 128, 4, 4, False)):
                     tag = f"fp8{' tma' if tma else ''} {BM}x{BN} w{nw} s{ns}"
 
                     def gemm_only(BM=BM, BN=BN, nw=nw, ns=ns, tma=tma):
-                        G._launch_fp8(a, wq, out16, None, BM, BN, nw, ns, tma=tma, a8=a8, w8=w8)
+                        gemm_fp8._launch_fp8(a, wq, out16, None, BM, BN, nw, ns, tma=tma, a8=a8, w8=w8)
                         return out16
 
                     def full(BM=BM, BN=BN, nw=nw, ns=ns, tma=tma):
-                        G._launch_fp8(a, wq, out16, None, BM, BN, nw, ns, tma=tma)
+                        gemm_fp8._launch_fp8(a, wq, out16, None, BM, BN, nw, ns, tma=tma)
                         return out16
                     if (BM, BN, ns, tma) in ((64, 128, 4, True), (128, 128, 4, True)):
                         record(shape, M, tag + " gemm-only", gemm_only, ref)
                     record(shape, M, tag + " +unpack", full, ref)
                 if M <= 1024:
                     def fn():
-                        G._launch_fused(a, wq, out16, None, False, 64, 128, 1, 4, 4)
+                        gemm_int4._launch_fused(a, wq, out16, None, False, 64, 128, 1, 4, 4)
                         return out16
                     record(shape, M, "fused 64x128 w4 s4", fn, ref)
                 if M <= 256:
                     for BX, split in ((64, 1), (64, 2), (128, 1)):
                         def fn(BX=BX, split=split):
-                            G._launch_fused(wq, a, out16, None, True, BX, 128, split, 4, 4)
+                            gemm_int4._launch_fused(wq, a, out16, None, True, BX, 128, split, 4, 4)
                             return out16
                         record(shape, M, f"fused swap BX{BX} BY128 split{split} s4", fn, ref)
             if libs.get("cublas_bf16") and callable(libs["cublas_bf16"]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 
 
 def interpreting() -> bool:
@@ -23,3 +24,17 @@ def check_tensor(t, name: str, dtype: torch.dtype | tuple[torch.dtype, ...], dim
         raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}.")
     if t.dim() < 1 or t.numel() == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}.")
+
+
+def pow2_at_least(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def m_bucket(M: int) -> int:
+    """Autotuning key for the token count: configurations are tuned per power of two, not per exact M."""
+    return min(8192, triton.next_power_of_2(M))
+
+
+def tune_bench(fn, quantiles):
+    """The timing triton.autotune uses for our kernels: fewer repetitions than its default (compile time dominates)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)

@@ -12,6 +12,7 @@ import torch
 import atom_lab
 from atom_lab.kernels import PackedAtom, pack_int4_ref, quantize_atom_ref, w4a4_gemm, w4a4_gemm_ref
 from atom_lab.kernels import gemm as G
+from atom_lab.kernels import gemm_fp8, gemm_int4
 
 DEV = atom_lab.default_device()
 GPU = DEV.type == "cuda"
@@ -137,17 +138,17 @@ def test_gpu_configurations(M):
     for split in (1, 3, 8):
         for BX, BY in ((64, 16), (128, 16), (64, 64)):
             out = torch.full((M, N), float("nan"), device=DEV, dtype=torch.float16)
-            G._launch_fused(w, a, out, res, True, BX, BY, split, 4, 4)
+            gemm_int4._launch_fused(w, a, out, res, True, BX, BY, split, 4, 4)
             assert_matches(out, a, w, res)
-    assert int(G._tile_counters(DEV, 1).abs().sum()) == 0, "split-K counters must be left at zero"
+    assert int(gemm_int4._tile_counters(DEV, 1).abs().sum()) == 0, "split-K counters must be left at zero"
     for BX, BY, nw in ((64, 64, 4), (128, 128, 8)):
         out = torch.full((M, N), float("nan"), device=DEV, dtype=torch.float16)
-        G._launch_fused(a, w, out, res, False, BX, BY, 1, nw, 3)
+        gemm_int4._launch_fused(a, w, out, res, False, BX, BY, 1, nw, 3)
         assert_matches(out, a, w, res)
     if FP8_OK:
         for tma in (False, True):
             out = torch.full((M, N), float("nan"), device=DEV, dtype=torch.float16)
-            G._launch_fp8(a, w, out, res, 128, 128, 8, 3, tma=tma)
+            gemm_fp8._launch_fp8(a, w, out, res, 128, 128, 8, 3, tma=tma)
             assert_matches(out, a, w, res)
 
 
@@ -158,7 +159,7 @@ def test_gpu_autotuned_dispatch(M):
     a, w = packed_pair(M, 1000, 3968, 128, 128, seed=M)
     res = torch.randn(M, 1000, device=DEV, dtype=torch.float16)
     assert_matches(w4a4_gemm(a, w, torch.float16, residual=res), a, w, res)
-    assert int(G._tile_counters(DEV, 1).abs().sum()) == 0
+    assert int(gemm_int4._tile_counters(DEV, 1).abs().sum()) == 0
 
 
 def test_rejects_bad_input():
