@@ -13,17 +13,20 @@ in the W4A4 GEMM kernel (atom_lab.kernels.w4a4_gemm), then adds the bias. Both b
 a layer (or a whole model, atom_lab.set_backend) can switch between them without re-quantizing. Layers reading one
 activation (q/k/v, gate/up) can share a SharedInput so that activation is quantized once; atom_lab/backend.py also
 fuses the preceding RMSNorm or SiLU(gate) * up into that quantization.
+
+Construction (from_linear / from_linears) checks its arguments and stores buffers; the calibration itself (reorder
+index, clip search, GPTQ or RTN levels) lives in atom_lab/calibrate.py.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from atom_lab.calibrate import calibrate_linear, stack_linears
 from atom_lab.config import AtomConfig
-from atom_lab.gptq import column_groups, gptq_quantize, rtn_quantize
+from atom_lab.gptq import column_groups
 from atom_lab.kernels import PackedAtom, dequantize_atom_ref, reorder_quantize, w4a4_gemm
-from atom_lab.quantizers import fake_quantize_asymmetric, fake_quantize_mixed, search_act_clip, search_weight_clip
-from atom_lab.reorder import check_permutation, reorder_index
+from atom_lab.quantizers import fake_quantize_asymmetric, fake_quantize_mixed
 
 BACKENDS = ("reference", "triton")
 TRITON_CONFIGS = ("the Triton backend runs packed Atom-style W4A4 layers: preset 'atom', or an AtomConfig with "
@@ -121,76 +124,23 @@ class QuantLinear(torch.nn.Module):
                             f"got {type(config).__name__}.")
         N, K = linear.weight.shape
         where = name or f"a linear layer [{N}, {K}]"
-        G = config.layer_group_size(K, where)
+        config.layer_group_size(K, where)  # a group size that does not divide K fails here, before the checks below
         if backend == "triton" and not config.packed(K):
             raise ValueError(f"backend='triton' cannot run {where} with config {config.name!r}: {TRITON_CONFIGS}.")
         if out_bits < 16 and (out_group is None or N % out_group):
             raise ValueError(f"out_group={out_group} must divide out_features={N} of {where} (use head_dim).")
-        dev = linear.weight.device
+        cal = calibrate_linear(linear, config, where, stats, reorder, hessian, inputs)
 
-        if config.reorders:
-            if reorder is None:
-                if stats is None:
-                    raise ValueError(f"config.sort_metric={config.sort_metric!r} reorders channels: pass stats= "
-                                     f"(atom_lab.collect_stats) or reorder= (atom_lab.reorder_index) for {where}.")
-                reorder = reorder_index(stats, config.sort_metric)
-            check_permutation(reorder, K, "reorder")
-            reorder = reorder.to(dev)
-        elif reorder is not None:
-            raise ValueError(f"reorder= was given but config.sort_metric is None (no reordering); set sort_metric "
-                             f"or leave reorder out ({where}).")
-
-        if inputs is None and stats is not None and stats.samples.numel():
-            inputs = stats.samples
-        if inputs is not None:
-            if inputs.shape[-1] != K:
-                raise ValueError(f"inputs have {inputs.shape[-1]} channels but {where} has in_features={K}.")
-            inputs = inputs.reshape(-1, K).to(dev, torch.float32)
-            if reorder is not None:
-                inputs = inputs[:, reorder]
-        if hessian is not None:
-            if hessian.shape != (K, K):
-                raise ValueError(f"hessian must be [{K}, {K}] for {where}, got {tuple(hessian.shape)}.")
-            hessian = hessian.to(dev, torch.float32)
-            if reorder is not None:
-                hessian = hessian[reorder][:, reorder]
-
-        W = linear.weight.detach().float()
-        if reorder is not None:
-            W = W[:, reorder]
-        layout = lambda clip: column_groups(K, config.w_bits, G, config.keeper,  # noqa: E731
-                                            config.keeper_bits, clip, config.w_symmetric)
-
-        w_clip, a_clip = config.w_clip, config.a_clip
-        if "search" in (w_clip, a_clip) and inputs is None:
-            raise ValueError(f"clip 'search' needs calibration inputs for {where}: pass inputs= or stats= with "
-                             "samples.")
-        if w_clip == "search":
-            w_clip = 1.0 if config.w_bits >= 16 else search_weight_clip(
-                W, inputs, lambda w, c: rtn_quantize(w, layout(c)).weight)[0]
-        if a_clip == "search":
-            a_clip = 1.0 if config.a_bits >= 16 else search_act_clip(
-                inputs, W, lambda x, c: fake_quantize_mixed(x, config.a_bits, G, config.keeper, config.keeper_bits,
-                                                            c, config.a_symmetric))[0]
-
-        self = cls(K, N, config, G, a_clip, w_clip, out_bits, out_group, "reference", name)
+        self = cls(K, N, config, cal.group_size, cal.a_clip, cal.w_clip, out_bits, out_group, "reference", name)
         self.float_dtype = linear.weight.dtype
-        self.reorder = reorder
+        self.reorder = cal.reorder
         if linear.bias is not None:
             self.bias = linear.bias.detach().clone()
-        if config.w_bits >= 16:
-            self.w_ref = W.to(linear.weight.dtype)
+        if cal.levels is None:
+            self.w_ref = cal.weight.to(linear.weight.dtype)
             self.register_buffer("w_float", self.w_ref)
             return self.set_backend(backend)
-        if config.gptq:
-            if hessian is None:
-                if inputs is None:
-                    raise ValueError(f"config.gptq needs calibration inputs for {where}: pass hessian= (X^T X), "
-                                     "inputs= or stats= with samples (quantize_model does this for you).")
-                hessian = inputs.T @ inputs
-            res = gptq_quantize(W, hessian, layout(w_clip), config.gptq_damp, config.gptq_block)
-        else:
-            res = rtn_quantize(W, layout(w_clip))
+        res = cal.levels
         if config.packed(K):
             p = res.to_packed_atom()
             self.is_packed = True
@@ -219,20 +169,10 @@ class QuantLinear(torch.nn.Module):
         """
         backend = kwargs.pop("backend", "reference")
         check_backend(backend)
-        if not linears or any(not isinstance(m, torch.nn.Linear) for m in linears):
-            raise TypeError("linears must be a non-empty list of torch.nn.Linear.")
-        K = linears[0].in_features
-        if any(m.in_features != K for m in linears):
-            raise ValueError(f"linears reading one activation must share in_features; got "
-                             f"{[m.in_features for m in linears]}.")
         names = names or [""] * len(linears)
         out_bits = out_bits or [16] * len(linears)
-        w = linears[0].weight
-        fused = torch.nn.utils.skip_init(torch.nn.Linear, K, sum(m.out_features for m in linears), bias=False,
-                                         device=w.device, dtype=w.dtype)
-        fused.weight.copy_(torch.cat([m.weight for m in linears]))
-        label = (names[0].rsplit(".", 1)[0] + "." if "." in names[0] else "") + "+".join(
-            n.rsplit(".", 1)[-1] for n in names)
+        fused, label = stack_linears(linears, names)
+        K = fused.in_features
         if backend == "triton" and not config.packed(K):
             raise ValueError(f"backend='triton' cannot run {label} with config {config.name!r}: {TRITON_CONFIGS}.")
         whole = cls.from_linear(fused, config, name=label, backend="reference", **kwargs)
