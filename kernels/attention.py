@@ -16,8 +16,6 @@ offset, (scale, zero) float16 [S, Hkv, D/G, 2]; a float cache stores [S, Hkv, D]
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -132,19 +130,21 @@ def _load_half(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.conste
 
 @triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_ptr, inv_freq_ptr, o_ptr, lse_ptr,
-                         Hq, Hkv, max_pages, pages_per_split, sm_scale, rope_scaling,
+                         Hq, Hkv, max_pages, tokens_per_split, sm_scale, rope_scaling,
                          D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PAGE: tl.constexpr,
-                         QPK: tl.constexpr, BLOCK_Q: tl.constexpr, ROPE: tl.constexpr, NSPLIT: tl.constexpr):
+                         QPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
+                         NSPLIT: tl.constexpr):
+    # Program (b, h, sp): query heads h*QPK .. h*QPK+QPK-1 of sequence b over tokens [sp*TPS, (sp+1)*TPS).
     b = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
     HALF: tl.constexpr = D // 2
     n = tl.load(len_ptr + b)
-    p0 = sp * pages_per_split
-    t0 = p0 * PAGE
+    t0 = sp * tokens_per_split
+    t_end = tl.minimum(t0 + tokens_per_split, n)
     qi = tl.arange(0, BLOCK_Q)
     qmask = qi < QPK
-    qh = h * QPK + qi  # the query heads of KV head h
+    qh = h * QPK + qi
     d = tl.arange(0, HALF)
     qrow = q_ptr + (b * Hq + qh[:, None]) * D
     q_lo = tl.load(qrow + d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32) * sm_scale
@@ -155,31 +155,29 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_pt
     acc_hi = tl.zeros([BLOCK_Q, HALF], tl.float32)
     if ROPE:
         inv_freq = tl.load(inv_freq_ptr + d)
-    for j in range(0, pages_per_split):
-        pidx = p0 + j
-        t = pidx * PAGE + tl.arange(0, PAGE)
-        tmask = t < n
-        if pidx * PAGE < n:
-            page = tl.load(pt_ptr + b * max_pages + pidx)
-            slot = page.to(tl.int64) * PAGE + tl.arange(0, PAGE)
-            k_lo, k_hi = _load_half(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
-            if ROPE:  # K stored before RoPE (Atom): rotate the dequantized halves at their positions
-                f = t.to(tl.float32)[:, None] * inv_freq[None, :]
-                c = tl.cos(f) * rope_scaling
-                s = tl.sin(f) * rope_scaling
-                k_lo, k_hi = k_lo * c - k_hi * s, k_hi * c + k_lo * s
-            # [BLOCK_Q, PAGE] scores; fp32 products summed over the head (exact enough, and the same on the CPU)
-            sc = tl.sum(q_lo[:, None, :] * k_lo[None, :, :], axis=2) + tl.sum(q_hi[:, None, :] * k_hi[None, :, :],
-                                                                           axis=2)
-            sc = tl.where(tmask[None, :], sc, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(sc - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_lo, v_hi = _load_half(vc_ptr, vsz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
-            acc_lo = acc_lo * alpha[:, None] + tl.sum(p[:, :, None] * v_lo[None, :, :], axis=1)
-            acc_hi = acc_hi * alpha[:, None] + tl.sum(p[:, :, None] * v_hi[None, :, :], axis=1)
-            m_i = m_new
+    for start in range(t0, t_end, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        tmask = t < t_end
+        page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)  # the page table, per token
+        slot = page.to(tl.int64) * PAGE + t % PAGE
+        k_lo, k_hi = _load_half(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
+        if ROPE:  # K stored before RoPE (Atom): rotate the dequantized halves at their positions
+            f = t.to(tl.float32)[:, None] * inv_freq[None, :]
+            c = tl.cos(f) * rope_scaling
+            s = tl.sin(f) * rope_scaling
+            k_lo, k_hi = k_lo * c - k_hi * s, k_hi * c + k_lo * s
+        # [BLOCK_Q, BLOCK_N] scores as fp32 products summed over the head: exact enough, and the same on a CPU
+        sc = tl.sum(q_lo[:, None, :] * k_lo[None, :, :], axis=2) + tl.sum(q_hi[:, None, :] * k_hi[None, :, :],
+                                                                       axis=2)
+        sc = tl.where(tmask[None, :], sc, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_lo, v_hi = _load_half(vc_ptr, vsz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
+        acc_lo = acc_lo * alpha[:, None] + tl.sum(p[:, :, None] * v_lo[None, :, :], axis=1)
+        acc_hi = acc_hi * alpha[:, None] + tl.sum(p[:, :, None] * v_hi[None, :, :], axis=1)
+        m_i = m_new
     valid = t0 < n
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     orow = o_ptr + ((b * Hq + qh[:, None]) * NSPLIT + sp) * D
@@ -212,11 +210,13 @@ def merge_splits_ref(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, bits: int, page_size: int,
                            sm_scale: float, rope: tuple | None = None, num_splits: int | None = None,
-                           max_length: int | None = None) -> torch.Tensor:
+                           max_length: int | None = None, block_n: int | None = None,
+                           num_warps: int = 4) -> torch.Tensor:
     """Triton split-KV decode attention; same arguments and result as paged_decode_attention_ref (float32 out).
 
-    num_splits: KV splits per sequence (default: enough programs to fill the GPU; 1-4 on the CPU interpreter).
-    max_length: an upper bound of `lengths` (avoids reading it back from the device, e.g. inside a CUDA graph).
+    num_splits: KV splits per sequence (default: enough programs to fill the GPU; 1-2 on the CPU interpreter).
+    max_length: an upper bound of `lengths` (default: the page table's capacity); no device read-back, so the
+        call can be captured in a CUDA graph. block_n: tokens per loop step (default 64; 128 when interpreting).
     """
     check_tensor(q, "q", (torch.float32, torch.float16, torch.bfloat16), dim=3)
     check_tensor(page_table, "page_table", torch.int32, dim=2)
@@ -224,30 +224,32 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     B, Hq, D = q.shape
     Hkv = k_codes.shape[1]
     if Hq % Hkv:
-        raise ValueError(f"q has {Hq} heads, not a multiple of the cache's {Hkv} KV heads.")
-    if D & (D - 1):
-        raise ValueError(f"head_dim={D} must be a power of two for the decode kernel.")
+        raise ValueError(f"q has {Hq} heads, not a multiple of the cache's {Hkv} KV heads (GQA needs Hq % Hkv == 0).")
+    if D & (D - 1) or D < 4:
+        raise ValueError(f"head_dim={D} must be a power of two >= 4 for the decode kernel.")
+    if page_table.shape[0] != B or lengths.shape[0] != B:
+        raise ValueError(f"page_table {tuple(page_table.shape)} and lengths {tuple(lengths.shape)} need one row per "
+                         f"sequence of q ({B}).")
+    if bits < 16 and k_codes.dtype != torch.uint8:
+        raise TypeError(f"a {bits}-bit cache holds uint8 codes, got {k_codes.dtype}.")
     G = D if bits >= 16 else D // k_sz.shape[2]
     max_pages = page_table.shape[1]
-    if max_length is None:
-        max_length = max_pages * page_size
-    pages_needed = max(1, -(-max_length // page_size))
-    if num_splits is None:
-        if interpreting():
-            num_splits = min(2, pages_needed)
-        else:  # aim at ~4 programs per SM over the B * Hkv (sequence, head) pairs
-            num_splits = max(1, min(pages_needed, -(-528 // (B * Hkv))))
-    pages_per_split = -(-pages_needed // num_splits)
-    num_splits = -(-pages_needed // pages_per_split)
+    max_length = max_pages * page_size if max_length is None else max_length
+    block_n = block_n or (128 if interpreting() else 64)
+    blocks = max(1, -(-max_length // block_n))
+    if num_splits is None:  # aim at ~4 programs per SM of the H200 over the B * Hkv (sequence, head) pairs
+        num_splits = min(2, blocks) if interpreting() else max(1, min(blocks, -(-528 // (B * Hkv))))
+    tokens_per_split = -(-blocks // num_splits) * block_n
+    num_splits = -(-max_length // tokens_per_split)
     qpk = Hq // Hkv
     o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     inv_freq, scaling = rope if rope is not None else (q, 1.0)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q.contiguous(), k_codes, k_sz if k_sz is not None else k_codes, v_codes, v_sz if v_sz is not None else v_codes,
-        page_table, lengths, inv_freq, o, lse, Hq, Hkv, max_pages, pages_per_split, float(sm_scale), float(scaling),
-        D=D, G=G, BITS=bits, PAGE=page_size, QPK=qpk, BLOCK_Q=max(1, triton.next_power_of_2(qpk)),
-        ROPE=rope is not None, NSPLIT=num_splits, num_warps=4)
+        page_table, lengths, inv_freq, o, lse, Hq, Hkv, max_pages, tokens_per_split, float(sm_scale), float(scaling),
+        D=D, G=G, BITS=bits, PAGE=page_size, QPK=qpk, BLOCK_Q=max(1, triton.next_power_of_2(qpk)), BLOCK_N=block_n,
+        ROPE=rope is not None, NSPLIT=num_splits, num_warps=num_warps)
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
     _merge_kernel[(B * Hq,)](o, lse, out, D=D, NSPLIT=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))
     return out

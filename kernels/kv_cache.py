@@ -21,7 +21,7 @@ import triton.language as tl
 
 from atom_lab.quantizers import MIN_SCALE, dequantize_asymmetric, quantize_asymmetric
 
-from ._common import check_tensor
+from ._common import check_tensor, interpreting
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
@@ -76,39 +76,44 @@ def kv_write_ref(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, sz: 
 
 
 @triton.jit
-def _kv_write_kernel(x_ptr, slot_ptr, codes_ptr, sz_ptr, H, D: tl.constexpr, G: tl.constexpr,
-                     BITS: tl.constexpr):
-    # One program quantizes one (token, head) row of D channels as D/G groups and stores it at its slot.
-    t = tl.program_id(0)
+def _kv_write_kernel(x_ptr, slot_ptr, codes_ptr, sz_ptr, T, H, D: tl.constexpr, G: tl.constexpr,
+                     BITS: tl.constexpr, BLOCK_T: tl.constexpr):
+    # Program (i, h): rows i*BLOCK_T.. of head h, each quantized as D/G groups and stored at its slot.
     h = tl.program_id(1)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = tok < T
+    slot = tl.load(slot_ptr + tok, mask=tmask, other=0).to(tl.int64)
     NG: tl.constexpr = D // G
     maxq: tl.constexpr = 2 ** BITS - 1
-    g = tl.arange(0, NG)[:, None]
-    c = tl.arange(0, G)[None, :]
-    x = tl.load(x_ptr + (t * H + h) * D + g * G + c).to(tl.float32)  # [NG, G]
-    lo = tl.minimum(tl.min(x, axis=1), 0.0)
-    hi = tl.maximum(tl.max(x, axis=1), 0.0)
+    t3 = tok[:, None, None]
+    g3 = tl.arange(0, NG)[None, :, None]
+    c3 = tl.arange(0, G)[None, None, :]
+    m3 = tmask[:, None, None]
+    x = tl.load(x_ptr + (t3 * H + h) * D + g3 * G + c3, mask=m3, other=0.0).to(tl.float32)  # [BT, NG, G]
+    lo = tl.minimum(tl.min(x, axis=2), 0.0)
+    hi = tl.maximum(tl.max(x, axis=2), 0.0)
     scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(lo.shape, maxq, tl.float32)), _MIN_SCALE).to(tl.float16)
     s32 = scale.to(tl.float32)
     zero = tl.math.div_rn(-lo, s32)
     zero = tl.minimum(tl.maximum(zero, 0.0), maxq)  # clamp first: keeps |.| < 2^22 for the rounding trick
     zero = (zero + _ROUND_MAGIC) - _ROUND_MAGIC
-    y = tl.math.div_rn(x, s32[:, None])
-    y = tl.minimum(tl.maximum(y, -2.0 * maxq), 2.0 * maxq)  # far outside the range either way; keeps the trick exact
+    y = tl.math.div_rn(x, s32[:, :, None])
+    y = tl.minimum(tl.maximum(y, -2.0 * maxq), 2.0 * maxq)  # clamped to the range below anyway
     y = (y + _ROUND_MAGIC) - _ROUND_MAGIC
-    q = tl.minimum(tl.maximum(y + zero[:, None], 0.0), maxq).to(tl.uint8)  # [NG, G]
-    row = slot * H + h
-    ng = tl.arange(0, NG)
-    tl.store(sz_ptr + row * NG * 2 + ng * 2, scale)
-    tl.store(sz_ptr + row * NG * 2 + ng * 2 + 1, zero.to(tl.float16))
+    q = tl.minimum(tl.maximum(y + zero[:, :, None], 0.0), maxq).to(tl.uint8)  # [BT, NG, G]
+    row = slot * H + h  # [BT]
+    ng = tl.arange(0, NG)[None, :]
+    szp = sz_ptr + row[:, None] * (NG * 2) + ng * 2
+    tl.store(szp, scale, mask=tmask[:, None])
+    tl.store(szp + 1, zero.to(tl.float16), mask=tmask[:, None])
     if BITS == 4:
-        # byte j = code[j] | code[j + D/2] << 4: the flat row [D] viewed as [2, D/2]
-        q2 = tl.reshape(q, (2, D // 2))
-        lo_q, hi_q = tl.split(tl.permute(q2, (1, 0)))
-        tl.store(codes_ptr + row * (D // 2) + tl.arange(0, D // 2), lo_q | (hi_q << 4))
+        # byte j = code[j] | code[j + D/2] << 4: each row [D] viewed as [2, D/2]
+        q2 = tl.permute(tl.reshape(q, (BLOCK_T, 2, D // 2)), (0, 2, 1))
+        lo_q, hi_q = tl.split(q2)
+        tl.store(codes_ptr + row[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], lo_q | (hi_q << 4),
+                 mask=tmask[:, None])
     else:
-        tl.store(codes_ptr + row * D + g * G + c, q)
+        tl.store(codes_ptr + (row[:, None, None] * D) + g3 * G + c3, q, mask=m3)
 
 
 def check_kv_rows(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, name: str = "x") -> None:
@@ -134,4 +139,9 @@ def kv_write(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, sz: torc
     T, H, D = x.shape
     if D & (D - 1) or group_size & (group_size - 1):
         raise ValueError(f"the kernel needs head_dim ({D}) and group_size ({group_size}) to be powers of two.")
-    _kv_write_kernel[(T, H)](x.contiguous(), slots.contiguous(), codes, sz, H, D=D, G=group_size, BITS=bits)
+    if codes.shape[1:] != (H, code_bytes(bits, D)) or sz is None or sz.shape[1:] != (H, D // group_size, 2):
+        raise ValueError(f"x rows [{H}, {D}] do not fit the cache storage {tuple(codes.shape)} / "
+                         f"{None if sz is None else tuple(sz.shape)} (bits={bits}, group_size={group_size}).")
+    block_t = 64 if interpreting() else 4  # the interpreter pays per program: few, large ones there
+    _kv_write_kernel[(triton.cdiv(T, block_t), H)](x.contiguous(), slots.contiguous(), codes, sz, T, H, D=D,
+                                                    G=group_size, BITS=bits, BLOCK_T=block_t)

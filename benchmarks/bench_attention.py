@@ -1,0 +1,165 @@
+"""Decode attention on the paged INT4 cache vs SDPA on a contiguous bf16 cache, one query token per sequence.
+
+Timed in one run on one GPU (CUDA-graph replays of each call, median of triton.testing.do_bench, L2 flushed):
+  sdpa_bf16   torch.nn.functional.scaled_dot_product_attention on bf16 K/V [B, Hkv, ctx, D], contiguous, with
+              the fastest of its cuDNN / flash / efficient backends for that case (the baseline every ratio divides)
+  ours_bf16   kernels/attention.py paged_decode_attention on a bf16 paged cache (pages in random order)
+  ours_int4_post  the same kernel on the INT4 cache, K stored after RoPE (QServe / KIVI / vLLM)
+  ours_int4_pre   the same, K stored before RoPE and rotated after dequantization (Atom)
+Shapes: Llama-2-7B attention (32 query heads x 128 = 32 KV heads) and GQA 32 q / 8 KV heads, head_dim 128, page
+size 32 (Atom's), every sequence at the full context. Random data (no model files on the GPU machine).
+
+    python benchmarks/bench_attention.py [--json out.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import atom_lab  # noqa: E402,F401
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from atom_lab.kernels.attention import paged_decode_attention  # noqa: E402
+from benchmarks.common import GRAPH_FAILURES, bench_ms, device_facts  # noqa: E402
+
+CONFIGS = {"llama2-7b 32x128": (32, 32), "gqa 32/8 x128": (32, 8)}
+D, PAGE = 128, 32
+BATCHES = [1, 8, 32, 128, 256]
+CONTEXTS = [1024, 4096, 16384, 32768]
+MAX_TOKENS = 2 ** 21  # batch x context cap: the bf16 MHA cache is then 32 GiB
+BAR = 3.0  # issue 11: x the bf16 SDPA baseline at context >= 4096 and batch >= 8
+KERNEL_CONFIGS = [(64, 4), (128, 8)]  # (block_n, num_warps) tried for our kernel; the faster is reported
+
+
+def paged_cache(B, ctx, Hkv, bits, gen):
+    pages_per_seq = ctx // PAGE
+    n_pages = B * pages_per_seq
+    S = n_pages * PAGE
+    if bits == 16:
+        kc = torch.randn(S, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        vc = torch.randn_like(kc)
+        ksz = vsz = None
+    else:
+        kc = torch.randint(0, 256, (S, Hkv, D // 2), device="cuda", dtype=torch.uint8, generator=gen)
+        vc = torch.randint(0, 256, (S, Hkv, D // 2), device="cuda", dtype=torch.uint8, generator=gen)
+        ksz = torch.empty(S, Hkv, 1, 2, device="cuda", dtype=torch.float16)
+        ksz[..., 0] = 0.05
+        ksz[..., 1] = 8.0
+        vsz = ksz.clone()
+    perm = torch.randperm(n_pages, device="cuda", generator=gen).to(torch.int32)
+    pt = perm.view(B, pages_per_seq).contiguous()
+    lengths = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+    return kc, ksz, vc, vsz, pt, lengths
+
+
+def bench_ours(q, cache, bits, ctx, rope, log):
+    kc, ksz, vc, vsz, pt, lengths = cache
+    best = None
+    for block_n, warps in KERNEL_CONFIGS:
+        def fn(block_n=block_n, warps=warps):
+            return paged_decode_attention(q, kc, ksz, vc, vsz, pt, lengths, bits, PAGE, D ** -0.5, rope,
+                                          max_length=ctx, block_n=block_n, num_warps=warps)
+        try:
+            ms = bench_ms(fn, graph=True)
+        except Exception as e:  # a config that does not compile or run: recorded, the other one stands
+            log(f"    block_n={block_n} warps={warps}: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, block_n, warps)
+    return best
+
+
+def bench_sdpa(B, ctx, Hq, Hkv, gen):
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, Hkv, ctx, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    times = {}
+    for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def fn(be=be):
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
+        try:
+            fn()
+            torch.cuda.synchronize()
+            times[name] = bench_ms(fn, graph=True)
+        except Exception:
+            continue
+    del k, v
+    return times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="batches 8/128, contexts 4096/16384 only")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention needs a CUDA GPU (timings under the interpreter mean nothing).")
+        return 1
+    batches, contexts = ([8, 128], [4096, 16384]) if args.quick else (BATCHES, CONTEXTS)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    rows, t_start = [], time.time()
+    print(f"{'config':18s} {'B':>4s} {'ctx':>6s} {'sdpa us':>8s} {'be':>6s} {'bf16 us':>8s} {'int4post':>8s} "
+          f"{'int4pre':>8s} {'x post':>6s} {'x pre':>6s} {'TB/s int4':>9s}")
+    for cname, (Hq, Hkv) in CONFIGS.items():
+        for B in batches:
+            for ctx in contexts:
+                if B * ctx > MAX_TOKENS:
+                    continue
+                sd = bench_sdpa(B, ctx, Hq, Hkv, gen)
+                be = min(sd, key=sd.get)
+                q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                row = dict(config=cname, Hq=Hq, Hkv=Hkv, D=D, batch=B, context=ctx, page_size=PAGE,
+                           sdpa_ms=sd, sdpa_best=be, sdpa_best_ms=sd[be])
+                c16 = paged_cache(B, ctx, Hkv, 16, gen)
+                r = bench_ours(q, c16, 16, ctx, None, print)
+                row["ours_bf16_ms"], row["ours_bf16_cfg"] = (r[0], r[1:]) if r else (None, None)
+                del c16
+                c4 = paged_cache(B, ctx, Hkv, 4, gen)
+                for mode, rope in (("post", None), ("pre", (inv_freq, 1.0))):
+                    r = bench_ours(q, c4, 4, ctx, rope, print)
+                    row[f"ours_int4_{mode}_ms"], row[f"ours_int4_{mode}_cfg"] = (r[0], r[1:]) if r else (None, None)
+                del c4
+                kv_bytes_bf16 = 2 * B * ctx * Hkv * D * 2
+                kv_bytes_int4 = 2 * B * ctx * Hkv * (D // 2 + 4)
+                row["kv_bytes_bf16"], row["kv_bytes_int4"] = kv_bytes_bf16, kv_bytes_int4
+                for k in ("post", "pre"):
+                    ms = row[f"ours_int4_{k}_ms"]
+                    row[f"speedup_int4_{k}"] = sd[be] / ms if ms else None
+                row["int4_post_tbs"] = kv_bytes_int4 / row["ours_int4_post_ms"] / 1e9 if row["ours_int4_post_ms"] else None
+                row["sdpa_tbs"] = kv_bytes_bf16 / sd[be] / 1e9
+                rows.append(row)
+
+                def us(x):
+                    return f"{x * 1e3:8.1f}" if x else "     n/a"
+                print(f"{cname:18s} {B:4d} {ctx:6d} {us(sd[be])} {be:>6s} {us(row['ours_bf16_ms'])} "
+                      f"{us(row['ours_int4_post_ms'])} {us(row['ours_int4_pre_ms'])} "
+                      f"{row['speedup_int4_post'] or 0:6.2f} {row['speedup_int4_pre'] or 0:6.2f} "
+                      f"{row['int4_post_tbs'] or 0:9.2f}", flush=True)
+                torch.cuda.empty_cache()
+    barred = [r for r in rows if r["context"] >= 4096 and r["batch"] >= 8 and r["speedup_int4_post"]]
+    summary = {"bar": BAR, "cases_in_bar_region": len(barred),
+               "min_speedup_post": min((r["speedup_int4_post"] for r in barred), default=None),
+               "max_speedup_post": max((r["speedup_int4_post"] for r in barred), default=None),
+               "min_speedup_pre": min((r["speedup_int4_pre"] for r in barred), default=None),
+               "max_speedup_pre": max((r["speedup_int4_pre"] for r in barred), default=None),
+               "seconds": round(time.time() - t_start, 1)}
+    print(json.dumps(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_facts(), "command": "python " + " ".join(sys.argv), "rows": rows,
+                       "summary": summary, "graph_failures": GRAPH_FAILURES}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Split-KV decode attention (kernels/attention.py) against its PyTorch reference, on random shapes and ragged
+lengths, for float, INT8 and INT4 caches (per head and sub-head groups), with K before or after RoPE.
+
+Tolerance: both sides compute in float32 from the same dequantized values; they differ only in summation order
+(splits, blocks, the online-softmax rescaling). Each output is a convex combination of at most 600 V rows, so the
+difference is bounded by ~ n * eps32 * max|v| (600 * 6e-8 = 3.6e-5 relative); we allow 1e-4 * max|v| plus the same
+for the scores' effect through the softmax (|q.k| <= 10 here, exp amplifies a relative score error by at most that).
+"""
+import atom_lab  # noqa: F401
+
+import pytest
+import torch
+
+from atom_lab.kernels.attention import (merge_splits_ref, paged_decode_attention, paged_decode_attention_ref,
+                                        prefill_attention, rope_ref)
+from atom_lab.kernels.kv_cache import kv_write_ref
+
+DEV = atom_lab.default_device()
+
+
+def make_cache(B, Hkv, D, bits, group, page, lengths, gen):
+    """A random cache with `lengths` tokens per sequence in pages handed out in a shuffled order."""
+    pages_per = [-(-n // page) for n in lengths]
+    n_pages = sum(pages_per) + 3
+    perm = torch.randperm(n_pages, generator=gen).tolist()
+    pt = torch.zeros(B, max(pages_per), dtype=torch.int32)
+    it = iter(perm)
+    for b, n in enumerate(pages_per):
+        for j in range(n):
+            pt[b, j] = next(it)
+    S = n_pages * page
+    if bits == 16:
+        kc = torch.randn(S, Hkv, D, generator=gen).to(DEV)
+        vc = torch.randn(S, Hkv, D, generator=gen).to(DEV)
+        return kc, None, vc, None, pt.to(DEV)
+    cb = D // 2 if bits == 4 else D
+    kc = torch.zeros(S, Hkv, cb, dtype=torch.uint8, device=DEV)
+    vc = torch.zeros_like(kc)
+    ksz = torch.zeros(S, Hkv, D // group, 2, dtype=torch.float16, device=DEV)
+    vsz = torch.zeros_like(ksz)
+    slots = torch.arange(S, device=DEV)
+    kv_write_ref(torch.randn(S, Hkv, D, generator=gen).to(DEV), slots, kc, ksz, bits, group)
+    kv_write_ref(torch.randn(S, Hkv, D, generator=gen).to(DEV), slots, vc, vsz, bits, group)
+    return kc, ksz, vc, vsz, pt.to(DEV)
+
+
+CASES = [  # (B, Hq, Hkv, D, bits, group, page, rope): head_dim 64/128/256, GQA 1/3/4/8, pages 16/32/64
+    (3, 9, 3, 64, 4, 64, 16, "pre"),
+    (5, 8, 2, 128, 4, 32, 32, "post"),
+    (2, 8, 1, 64, 8, 16, 64, "pre"),
+    (33, 2, 2, 64, 4, 64, 16, "post"),
+    (1, 4, 1, 256, 4, 256, 32, "post"),
+    (4, 6, 2, 64, 16, 64, 32, "pre"),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,bits,group,page,rope", CASES)
+def test_decode_matches_ref(B, Hq, Hkv, D, bits, group, page, rope):
+    gen = torch.Generator().manual_seed(B * 1000 + D + bits)
+    max_len = 600 if B <= 5 else 40
+    lengths = torch.randint(1, max_len + 1, (B,), generator=gen)
+    lengths[0] = max_len - 1 if max_len % page == 0 else max_len  # one long, not a multiple of the page
+    kc, ksz, vc, vsz, pt = make_cache(B, Hkv, D, bits, group, page, lengths.tolist(), gen)
+    q = torch.randn(B, Hq, D, generator=gen).to(DEV)
+    lens = lengths.to(torch.int32).to(DEV)
+    rp = (1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))).to(DEV), 1.0
+    rp = rp if rope == "pre" else None
+    sm = D ** -0.5
+    ref = paged_decode_attention_ref(q, kc, ksz, vc, vsz, pt, lens, bits, page, sm, rp)
+    out = paged_decode_attention(q, kc, ksz, vc, vsz, pt, lens, bits, page, sm, rp)
+    vmax = 16.0 if bits < 16 else 5.0
+    torch.testing.assert_close(out, ref, atol=2e-4 * vmax, rtol=0)
+
+
+def test_decode_splits_agree():
+    """Any number of splits gives the same result (the LSE merge is exact up to rounding)."""
+    gen = torch.Generator().manual_seed(7)
+    lengths = [300, 17]
+    kc, ksz, vc, vsz, pt = make_cache(2, 2, 64, 4, 64, 32, lengths, gen)
+    q = torch.randn(2, 4, 64, generator=gen).to(DEV)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    outs = [paged_decode_attention(q, kc, ksz, vc, vsz, pt, lens, 4, 32, 0.125, None, num_splits=s, block_n=64)
+            for s in (1, 3)]
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-3, rtol=0)
+
+
+def test_merge_ref_by_hand():
+    # two splits with equal LSE average their outputs; an empty split (-inf) is ignored
+    o = torch.tensor([[[2.0, 0.0], [0.0, 4.0], [9.0, 9.0]]])
+    lse = torch.tensor([[0.0, 0.0, float("-inf")]])
+    assert merge_splits_ref(o, lse).tolist() == [[1.0, 2.0]]
+
+
+def test_rope_ref_matches_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    x = torch.randn(5, 2, 8)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 8, 2).float() / 8))
+    pos = torch.arange(5)
+    emb = torch.cat([pos[:, None] * inv[None]] * 2, dim=-1)
+    ours = rope_ref(x, pos, inv)
+    hf, _ = apply_rotary_pos_emb(x.transpose(0, 1)[None], x.transpose(0, 1)[None], emb.cos()[None], emb.sin()[None])
+    torch.testing.assert_close(ours, hf[0].transpose(0, 1), atol=1e-6, rtol=0)
+
+
+def test_prefill_attention_is_causal():
+    q, k, v = torch.randn(3, 2, 8), torch.randn(5, 1, 8), torch.randn(5, 1, 8)
+    out = prefill_attention(q, k, v, 0.5)
+    # the first query (position 2) sees keys 0..2 only: changing key 4 leaves it unchanged
+    k2 = k.clone()
+    k2[4] += 10
+    assert torch.equal(prefill_attention(q, k2, v, 0.5)[0], out[0])
+
+
+def test_decode_errors():
+    q = torch.randn(1, 3, 64, device=DEV)
+    kc = torch.zeros(32, 2, 32, dtype=torch.uint8, device=DEV)
+    sz = torch.zeros(32, 2, 1, 2, dtype=torch.float16, device=DEV)
+    pt = torch.zeros(1, 1, dtype=torch.int32, device=DEV)
+    ln = torch.ones(1, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="not a multiple"):
+        paged_decode_attention(q, kc, sz, kc, sz, pt, ln, 4, 32, 1.0)
+    with pytest.raises(TypeError, match="int32"):
+        paged_decode_attention(q[:, :2], kc, sz, kc, sz, pt.long(), ln, 4, 32, 1.0)
