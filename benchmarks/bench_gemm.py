@@ -29,13 +29,15 @@ import torch  # noqa: E402
 
 from atom_lab import kernels  # noqa: E402
 from atom_lab.kernels import gemm as G  # noqa: E402
-from atom_lab.kernels import gemm_fp8  # noqa: E402
+from atom_lab.kernels import gemm_blockwise, gemm_fp8  # noqa: E402
 from atom_lab.kernels import w4a4_gemm, w4a4_gemm_ref  # noqa: E402
-from benchmarks.common import (GRAPH_FAILURES, LLAMA2_7B, MS, QUICK_MS, bench_ms, copy_bandwidth_gbs,  # noqa: E402
+from benchmarks.common import (GRAPH_FAILURES, LLAMA2_7B, MS, QUICK_MS, SHAPES, bench_ms, copy_bandwidth_gbs,  # noqa: E402
                                device_facts, floors_us, library_fns, packed_inputs)
 
 GROUP, KEEPER = 128, 128
-BAR_SMALL, BAR_LARGE = 3.0, 1.3   # issue 6: x cuBLAS bf16 at M <= 16, and at M >= 2048
+# Issue 12's bars, x cuBLAS bf16 in the same run: M <= 16 (2.5x on 4096/5120-wide shapes, 3.0x where K or N >= 11008),
+# M = 64-1024 (1.5x; 1.0x is the minimum), M >= 2048 (1.3x).
+BAR_SMALL, BAR_SMALL_WIDE, BAR_MID, BAR_LARGE = 2.5, 3.0, 1.5, 1.3
 BAR_QUANT = 0.75                  # fused RMSNorm+quantize: fraction of copy bandwidth at M >= 256
 
 
@@ -50,14 +52,17 @@ def host_us_per_call(fn, calls: int = 200) -> float:
     return (time.perf_counter() - t) / calls * 1e6
 
 
-def bench_gemms(ms, log=print):
+def bench_gemms(ms, log=print, shapes=SHAPES):
     """Per shape and M: GPU time from CUDA-graph replays (the primary number, L2 flushed by do_bench before each
-    replay), the eager do_bench time, and for M <= 256 the clean-L2 GPU time (see benchmarks/common.py)."""
+    replay) of cuBLAS bf16, the libraries, w4a4_gemm as dispatched (method=None) and every method side by side;
+    the eager do_bench time, and for M <= 256 the clean-L2 GPU time (see benchmarks/common.py)."""
     rows = []
-    for K, N, layer in LLAMA2_7B:
+    cap = G.device_capability(torch.device("cuda"))
+    blockwise_ok = gemm_blockwise.blockwise_supported(cap, gemm_blockwise.torch_version())
+    for model, K, N, layer in shapes:
         for M in ms:
             x, w, a, wq = packed_inputs(M, K, N, GROUP, KEEPER)
-            row = dict(layer=layer, K=K, N=N, M=M, method=G.choose_method(M, x.device))
+            row = dict(model=model, layer=layer, K=K, N=N, M=M, method=G.choose_method(M, x.device))
             libs = library_fns(x, w)
             for lib, fn in libs.items():
                 if callable(fn):
@@ -67,125 +72,169 @@ def bench_gemms(ms, log=print):
                     row[lib + "_error"] = fn
             out = w4a4_gemm(a, wq)  # the first call autotunes
             torch.cuda.synchronize()
-            if M <= 1024:  # exact reference is affordable: check the timed kernel's output
-                ref = w4a4_gemm_ref(a, wq, torch.float32)
+            ref = w4a4_gemm_ref(a, wq, torch.float32) if M <= 1024 else None  # affordable exact reference
+            if ref is not None:
                 row["rel_err_vs_ref"] = ((out.float() - ref).norm() / ref.norm()).item()
             ours = lambda: w4a4_gemm(a, wq)  # noqa: E731
             row["w4a4_ms"] = bench_ms(ours, graph=True)
             row["config"] = G.last_config(M, row["method"])
-            row["cublas_bf16_eager_ms"] = bench_ms(libs["cublas_bf16"])
-            row["w4a4_eager_ms"] = bench_ms(ours)
+            # Every method side by side (the dispatch above is one of them). fused at M >= 4096 is skipped: it runs
+            # at 0.34-0.37x bf16 there (benchmarks/NOTES.md) and its autotuning would cost a minute of the run.
+            methods = {"fused": M <= 1024, "fp8": G.has_fp8_tensor_cores(x.device), "blockwise": blockwise_ok}
+            for meth, ok in methods.items():
+                if not ok:
+                    continue
+                fn = (lambda m=meth: w4a4_gemm(a, wq, method=m))  # noqa: E731
+                try:
+                    o = fn()
+                    torch.cuda.synchronize()
+                except Exception as e:  # recorded, the run goes on
+                    row[f"{meth}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    methods[meth] = False
+                    continue
+                if ref is not None:
+                    row[f"rel_err_{meth}"] = ((o.float() - ref).norm() / ref.norm()).item()
+                row[f"{meth}_ms"] = bench_ms(fn, graph=True)
+            if blockwise_ok and methods["blockwise"]:
+                # The weights stored as the library's FP8 operand (prepared once): what the per-call unpack costs.
+                pa, pw = gemm_blockwise.prepare_fp8(a, "a"), gemm_blockwise.prepare_fp8(wq, "w")
+                row["blockwise_fp8_weights_ms"] = bench_ms(
+                    lambda: gemm_blockwise.blockwise_gemm(gemm_blockwise.prepare_fp8(a, "a"), pw, torch.float16),
+                    graph=True)
+                row["blockwise_lib_only_ms"] = bench_ms(lambda: gemm_blockwise.blockwise_gemm(pa, pw, torch.float16),
+                                                        graph=True)
+                row["prepare_w_ms"] = bench_ms(lambda: gemm_blockwise.prepare_fp8(wq, "w"), graph=True)
+                row["fp8_weight_bytes"] = pw[0].nbytes + pw[1].nbytes
+                row["packed_weight_bytes"] = sum(t.nbytes for t in (wq.q4, wq.s4, wq.q8, wq.s8))
+                pa = pw = None
             if row["method"] == "fp8":
                 a8, w8 = G.unpack_fp8(a), G.unpack_fp8(wq)
                 row["w4a4_unpack_a_ms"] = bench_ms(lambda: G.unpack_fp8(a), graph=True)
                 row["w4a4_unpack_w_ms"] = bench_ms(lambda: G.unpack_fp8(wq), graph=True)
                 row["w4a4_gemm_only_ms"] = bench_ms(lambda: gemm_fp8._launch_fp8_tuned(a, wq, out, None, a8=a8, w8=w8),
                                                     graph=True)
+                a8 = w8 = None
             base = row["cublas_bf16_ms"]
             row["speedup_vs_bf16"] = base / row["w4a4_ms"]
-            row["speedup_vs_bf16_eager"] = row["cublas_bf16_eager_ms"] / row["w4a4_eager_ms"]
-            if M <= 256:  # memory-bound: also time with a clean L2 (see benchmarks/common.py)
+            for meth in list(methods) + ["blockwise_fp8_weights"]:
+                if row.get(f"{meth}_ms"):
+                    row[f"{meth}_speedup_vs_bf16"] = base / row[f"{meth}_ms"]
+            if M in (1, 256):  # eager (host-bound) numbers: a few points suffice
+                row["cublas_bf16_eager_ms"] = bench_ms(libs["cublas_bf16"])
+                row["w4a4_eager_ms"] = bench_ms(ours)
+                row["speedup_vs_bf16_eager"] = row["cublas_bf16_eager_ms"] / row["w4a4_eager_ms"]
+            if M <= 16:  # memory-bound: also time with a clean L2 (see benchmarks/common.py)
                 row["cublas_bf16_clean_l2_ms"] = bench_ms(libs["cublas_bf16"], flush="read", graph=True)
                 row["w4a4_clean_l2_ms"] = bench_ms(ours, flush="read", graph=True)
                 row["speedup_vs_bf16_clean_l2"] = row["cublas_bf16_clean_l2_ms"] / row["w4a4_clean_l2_ms"]
             for lib in ("int_mm_int8", "scaled_mm_fp8"):
-                t = row[lib + "_ms"]
-                row[f"{lib}_speedup_vs_bf16"] = base / t if t else None
+                t_ = row[lib + "_ms"]
+                row[f"{lib}_speedup_vs_bf16"] = base / t_ if t_ else None
             row["tflops_w4a4"] = 2 * M * N * K / row["w4a4_ms"] / 1e9
-            if layer == "o_proj" and M == 1:
+            if layer == "o_proj" and M == 1 and model == "7B":
                 row["host_us_per_call_w4a4"] = host_us_per_call(ours)
                 row["host_us_per_call_cublas_bf16"] = host_us_per_call(libs["cublas_bf16"])
             rows.append(row)
-            log(f"{layer:8s} K={K:5d} N={N:5d} M={M:5d}  bf16 {base * 1e3:8.1f} us  w4a4 {row['w4a4_ms'] * 1e3:8.1f} us"
-                f" ({row['method']}, {row['config']})  x{row['speedup_vs_bf16']:.2f}"
-                f"  [eager x{row['speedup_vs_bf16_eager']:.2f}"
-                + (f", clean L2 x{row['speedup_vs_bf16_clean_l2']:.2f}]" if M <= 256 else "]"))
-            x = w = a = wq = out = libs = None  # free before the next shape
+            side = "  ".join(f"{m} x{row[m + '_speedup_vs_bf16']:.2f}" for m in list(methods) + ["blockwise_fp8_weights"]
+                             if row.get(m + "_speedup_vs_bf16"))
+            log(f"{model:3s} {layer:8s} K={K:5d} N={N:5d} M={M:5d}  bf16 {base * 1e3:8.1f} us  w4a4 "
+                f"{row['w4a4_ms'] * 1e3:8.1f} us ({row['method']})  x{row['speedup_vs_bf16']:.2f}   [{side}]")
+            x = w = a = wq = out = libs = ref = None  # free before the next shape
             torch.cuda.empty_cache()
     return rows
 
 
 def bench_quantize(ms, copy_gbs, log=print):
-    """Fused RMSNorm + reorder + quantize of M rows of 4096, against the copy bandwidth (bytes read + written)."""
+    """Fused RMSNorm + reorder + quantize of M rows of 4096 and 11008, against the copy bandwidth (read + written)."""
     fn = getattr(kernels, "rmsnorm_quantize", None)
     if fn is None:
         return {"available": False, "note": "kernels.rmsnorm_quantize not in this checkout"}
     rows = []
-    K = 4096
     # check_finite=False: the NaN/inf check synchronizes with the host, which a CUDA graph cannot capture.
-    for M in ms:
-        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        weight = torch.rand(K, device="cuda", dtype=torch.float16) + 0.5
-        index = torch.randperm(K, device="cuda")
-        p = fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9, check_finite=False)
-        torch.cuda.synchronize()
-        ms_ = bench_ms(lambda: fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9, check_finite=False), graph=True)
-        nbytes = (x.numel() * x.element_size() + weight.numel() * weight.element_size()
-                  + index.numel() * index.element_size() + p.nbytes())
-        gbs = nbytes / ms_ / 1e6
-        ms_clean = bench_ms(lambda: fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9, check_finite=False), flush="read", graph=True)
-        rows.append(dict(M=M, K=K, ms=ms_, bytes=nbytes, gbs=gbs, fraction_of_copy=gbs / copy_gbs,
-                         ms_clean_l2=ms_clean, fraction_of_copy_clean_l2=nbytes / ms_clean / 1e6 / copy_gbs))
-        log(f"rmsnorm_quantize M={M:5d}: {ms_ * 1e3:8.1f} us  {gbs:7.0f} GB/s = {gbs / copy_gbs:.0%} of copy "
-            f"(clean L2: {ms_clean * 1e3:.1f} us)")
+    for K in (4096, 11008):
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            weight = torch.rand(K, device="cuda", dtype=torch.float16) + 0.5
+            index = torch.randperm(K, device="cuda")
+            call = lambda: fn(x, weight, 1e-6, index, GROUP, KEEPER, 0.9, check_finite=False)  # noqa: E731
+            p = call()
+            torch.cuda.synchronize()
+            ms_ = bench_ms(call, graph=True)
+            nbytes = (x.numel() * x.element_size() + weight.numel() * weight.element_size()
+                      + index.numel() * index.element_size() + p.nbytes())
+            gbs = nbytes / ms_ / 1e6
+            rows.append(dict(M=M, K=K, ms=ms_, bytes=nbytes, gbs=gbs, fraction_of_copy=gbs / copy_gbs))
+            log(f"rmsnorm_quantize K={K:5d} M={M:5d}: {ms_ * 1e3:8.1f} us  {gbs:7.0f} GB/s = {gbs / copy_gbs:.0%} of copy")
     return {"available": True, "rows": rows}
 
 
+def small_m_bar(K: int, N: int) -> float:
+    """Issue 12: 3.0x where K or N >= 11008 (more bytes per launch), 2.5x on the 4096/5120-wide shapes."""
+    return BAR_SMALL_WIDE if max(K, N) >= 11008 else BAR_SMALL
+
+
 def bars(rows, quant):
-    out = {"small_m": [], "small_m_clean_l2": [], "large_m": [], "quantize": []}
+    """Each bar of issue 12 per row: the ratio of w4a4_gemm as dispatched over cuBLAS bf16 in the same run."""
+    out = {"small_m": [], "mid_m": [], "large_m": [], "quantize": []}
     for r in rows:
-        if r["M"] <= 16:
-            out["small_m"].append(dict(layer=r["layer"], M=r["M"], ratio=r["speedup_vs_bf16"],
-                                       met=r["speedup_vs_bf16"] >= BAR_SMALL))
-            out["small_m_clean_l2"].append(dict(layer=r["layer"], M=r["M"], ratio=r["speedup_vs_bf16_clean_l2"],
-                                                met=r["speedup_vs_bf16_clean_l2"] >= BAR_SMALL))
-        if r["M"] >= 2048:
-            out["large_m"].append(dict(layer=r["layer"], M=r["M"], ratio=r["speedup_vs_bf16"],
-                                       met=r["speedup_vs_bf16"] >= BAR_LARGE))
+        key, bar = (("small_m", small_m_bar(r["K"], r["N"])) if r["M"] <= 16 else
+                    ("mid_m", BAR_MID) if 64 <= r["M"] <= 1024 else
+                    ("large_m", BAR_LARGE) if r["M"] >= 2048 else (None, None))
+        if key:
+            out[key].append(dict(model=r.get("model", "7B"), layer=r["layer"], M=r["M"], ratio=r["speedup_vs_bf16"],
+                                 bar=bar, met=r["speedup_vs_bf16"] >= bar, short_by=bar / r["speedup_vs_bf16"]))
     for r in quant.get("rows", []):
         if r["M"] >= 256:
-            out["quantize"].append(dict(M=r["M"], fraction=r["fraction_of_copy"], met=r["fraction_of_copy"] >= BAR_QUANT))
+            out["quantize"].append(dict(M=r["M"], K=r.get("K"), ratio=r["fraction_of_copy"], bar=BAR_QUANT,
+                                        met=r["fraction_of_copy"] >= BAR_QUANT))
     summary = {}
-    for key, bar in (("small_m", BAR_SMALL), ("small_m_clean_l2", BAR_SMALL), ("large_m", BAR_LARGE),
-                     ("quantize", BAR_QUANT)):
-        vals = [v["ratio" if key != "quantize" else "fraction"] for v in out[key]]
-        if vals:
-            summary[key] = dict(bar=bar, worst=min(vals), best=max(vals), all_met=all(v["met"] for v in out[key]))
+    for key, v in out.items():
+        if v:
+            summary[key] = dict(worst=min(x["ratio"] for x in v), best=max(x["ratio"] for x in v),
+                                bars=sorted({x["bar"] for x in v}), met=sum(x["met"] for x in v), of=len(v),
+                                all_met=all(x["met"] for x in v))
+    if out["mid_m"]:
+        summary["mid_m"]["minimum_1x_met"] = all(x["ratio"] >= 1.0 for x in out["mid_m"])
     out["summary"] = summary
     return out
 
 
+METHOD_COLUMNS = [("fused", "fused INT4 (Triton)"), ("fp8", "FP8 (Triton)"), ("blockwise", "blockwise FP8 (cuBLASLt)"),
+                  ("blockwise_fp8_weights", "blockwise, FP8 weights stored")]
+
+
 def markdown(res, lib_note: str | None = None) -> str:
-    """README table. lib_note: where the INT8/FP8 library times come from, when not from this run."""
+    """README table: x = speed-up over cuBLAS bf16 in the same run. lib_note: where library times come from, when
+    not from this run."""
     dev = res["device"]
-    star = "*" if lib_note else ""
     lines = [f"W4A4 GEMM (group {GROUP}, {KEEPER} INT8 keeper channels, fp16 out) on **{dev['device']}**, "
              f"torch {dev['torch']}, triton {dev['triton']}. GPU times in microseconds: median of CUDA-graph replays "
-             f"(triton.testing.do_bench, L2 flushed before each); x = speed-up over cuBLAS bf16 in the same run; "
-             f"clean L2 = the same with the flush done by reading (no dirty lines left to write back).", "",
-             f"| layer (K x N) | M | cuBLAS bf16 | INT8 _int_mm{star} | FP8 _scaled_mm{star} | W4A4 (ours) | method | x bf16 "
-             "| x bf16, clean L2 | x bf16, eager |",
-             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+             f"(triton.testing.do_bench, L2 flushed before each); x = speed-up over cuBLAS bf16 in the same run. "
+             f"`w4a4_gemm` = the method the dispatch picks; the method columns run each method on the same inputs "
+             f"(fused is not run at M >= 4096).", "",
+             "| model | layer (K x N) | M | cuBLAS bf16 (us) | w4a4_gemm (us) | method | x bf16 | "
+             + " | ".join(f"x {name}" for _, name in METHOD_COLUMNS) + " |",
+             "|---|---|---:|---:|---:|---|---:|" + "---:|" * len(METHOD_COLUMNS)]
 
-    def us(v):
-        return "n/a" if v is None else f"{v * 1e3:.1f}"
+    def x(r, m):
+        v = r.get(f"{m}_speedup_vs_bf16")
+        return "" if v is None else f"{v:.2f}"
     for r in res["gemm"]:
-        lines.append(f"| {r['layer']} ({r['K']}x{r['N']}) | {r['M']} | {us(r['cublas_bf16_ms'])} | "
-                     f"{us(r['int_mm_int8_ms'])} | {us(r['scaled_mm_fp8_ms'])} | {us(r['w4a4_ms'])} | "
-                     f"{r['method']} | {r['speedup_vs_bf16']:.2f} | "
-                     + (f"{r['speedup_vs_bf16_clean_l2']:.2f}" if "speedup_vs_bf16_clean_l2" in r else "")
-                     + f" | {r['speedup_vs_bf16_eager']:.2f} |")
+        lines.append(f"| {r.get('model', '7B')} | {r['layer']} ({r['K']}x{r['N']}) | {r['M']} | "
+                     f"{r['cublas_bf16_ms'] * 1e3:.1f} | {r['w4a4_ms'] * 1e3:.1f} | {r['method']} | "
+                     f"{r['speedup_vs_bf16']:.2f} | " + " | ".join(x(r, m) for m, _ in METHOD_COLUMNS) + " |")
     if lib_note:
         lines += ["", f"\\* {lib_note}"]
     q = res.get("quantize", {})
     if q.get("rows"):
-        lines += ["", f"Fused RMSNorm + reorder + quantize, rows of 4096 (copy bandwidth {res['copy_gbs']:.0f} GB/s, "
-                      f"bytes read + written):", "", "| M | time (us) | GB/s | of copy |", "|---:|---:|---:|---:|"]
+        lines += ["", f"Fused RMSNorm + reorder + quantize (copy bandwidth {res['copy_gbs']:.0f} GB/s, "
+                      f"bytes read + written):", "", "| K | M | time (us) | GB/s | of copy |", "|---:|---:|---:|---:|---:|"]
         for r in q["rows"]:
-            lines.append(f"| {r['M']} | {r['ms'] * 1e3:.1f} | {r['gbs']:.0f} | {r['fraction_of_copy']:.0%} |")
+            lines.append(f"| {r.get('K', 4096)} | {r['M']} | {r['ms'] * 1e3:.1f} | {r['gbs']:.0f} | "
+                         f"{r['fraction_of_copy']:.0%} |")
     s = res["bars"]["summary"]
-    lines += ["", "Bars (issue 6): " + "; ".join(
-        f"{k}: worst {v['worst']:.2f} vs bar {v['bar']} -> {'met' if v['all_met'] else 'NOT met'}"
+    lines += ["", "Bars (issue 12, w4a4_gemm as dispatched): " + "; ".join(
+        f"{k}: {v['met']}/{v['of']} met, worst {v['worst']:.2f} (bar {'/'.join(map(str, v['bars']))})"
         for k, v in s.items())]
     return "\n".join(lines) + "\n"
 
@@ -196,31 +245,38 @@ def plot(res, path, suptitle: str | None = None, lib_title: str | None = None):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    colors = sns.color_palette("colorblind", 4)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
-    for i, (K, N, layer) in enumerate(LLAMA2_7B):
-        rs = [r for r in res["gemm"] if r["K"] == K and r["N"] == N]
-        Ms = [r["M"] for r in rs]
-        axes[0].plot(Ms, [r["speedup_vs_bf16"] for r in rs], "o-", color=colors[i], label=f"{layer} {K}x{N}")
-        for lib, style in (("scaled_mm_fp8", "--"), ("int_mm_int8", ":")):
-            pts = [(r["M"], r[f"{lib}_speedup_vs_bf16"]) for r in rs if r[f"{lib}_speedup_vs_bf16"]]
+    shapes = sorted({(r.get("model", "7B"), r["K"], r["N"], r["layer"]) for r in res["gemm"]},
+                    key=lambda s: (s[0], s[3]))
+    colors = sns.color_palette("colorblind", max(4, len(shapes)))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), dpi=100)
+    for i, (model, K, N, layer) in enumerate(shapes):
+        rs = sorted((r for r in res["gemm"] if r.get("model", "7B") == model and r["K"] == K and r["N"] == N),
+                    key=lambda r: r["M"])
+        style = "-" if model == "7B" else "--"
+        axes[0].plot([r["M"] for r in rs], [r["speedup_vs_bf16"] for r in rs], "o" + style, color=colors[i],
+                     ms=3, label=f"{model} {layer} {K}x{N}")
+    if res["gemm"]:
+        for m, name in METHOD_COLUMNS:
+            pts = {}
+            for r in res["gemm"]:
+                v = r.get(f"{m}_speedup_vs_bf16")
+                if v:
+                    pts.setdefault(r["M"], []).append(v)
             if pts:
-                axes[1].plot(*zip(*pts), style, marker=".", color=colors[i],
-                             label=f"{lib.split('_')[-1].upper()} {layer}")
+                Ms = sorted(pts)
+                axes[1].plot(Ms, [sorted(pts[M_])[len(pts[M_]) // 2] for M_ in Ms], "o-", ms=3, label=name)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xlabel("M (tokens)")
         ax.set_ylabel("speed-up over cuBLAS bf16 (x)")
-    axes[0].axhline(BAR_SMALL, color="black", ls="--", lw=0.8)
-    axes[0].axhline(BAR_LARGE, color="black", ls=":", lw=0.8)
-    axes[0].text(1, BAR_SMALL * 1.02, "bar M<=16", fontsize=8)
-    axes[0].text(2048, BAR_LARGE * 1.04, "bar M>=2048", fontsize=8)
-    axes[0].set_title("W4A4 group-128 GEMM (ours)")
-    axes[1].set_title(lib_title or "Library INT8 / FP8 GEMMs (no group scales)")
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(suptitle or f"{res['device']['device']}: Llama-2-7B linear layers, one run, GPU times")
+    for bar, ls in ((BAR_SMALL_WIDE, "--"), (BAR_MID, "-."), (BAR_LARGE, ":")):
+        axes[0].axhline(bar, color="black", ls=ls, lw=0.8)
+    axes[0].set_title("w4a4_gemm as dispatched (bars: 3.0 / 1.5 / 1.3)")
+    axes[1].set_title(lib_title or "each method, median over the 8 shapes")
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(suptitle or f"{res['device']['device']}: Llama-2-7B and 13B linear layers, one run, GPU times")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -245,6 +301,9 @@ def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print) ->
     res = dict(device=info, copy_gbs=info["copy_gbs"], fp8_library_peak_tflops=tc, group=GROUP, keeper=KEEPER,
                timing="triton.testing.do_bench median of CUDA-graph replays, L2 flushed before each run",
                graph_capture_failures=GRAPH_FAILURES, gemm=rows, quantize=quant, seconds=time.time() - t0)
+    res["dispatch"] = dict(FP8_MIN_M=G.FP8_MIN_M, BLOCKWISE_MIN_M=G.BLOCKWISE_MIN_M,
+                           capability=G.device_capability(torch.device("cuda")),
+                           blockwise_library_refused=sorted(map(str, gemm_blockwise._REFUSED)))
     res["bars"] = bars(rows, quant)
     res["markdown"] = markdown(res)
     log(res["markdown"])

@@ -24,8 +24,11 @@ from atom_lab.kernels import quantize_atom_ref
 
 # Llama-2-7B linear layers, K x N (in x out): q/k/v/o 4096x4096, up/gate 4096x11008, down 11008x4096, fused QKV.
 LLAMA2_7B = [(4096, 4096, "o_proj"), (4096, 11008, "up/gate"), (11008, 4096, "down"), (4096, 12288, "qkv")]
-MS = [1, 16, 64, 256, 1024, 4096, 8192]
-QUICK_MS = [1, 16, 1024, 8192]
+# Llama-2-13B: hidden 5120, MLP 13824, fused QKV 3 x 5120.
+LLAMA2_13B = [(5120, 5120, "o_proj"), (5120, 13824, "up/gate"), (13824, 5120, "down"), (5120, 15360, "qkv")]
+SHAPES = [("7B", *s) for s in LLAMA2_7B] + [("13B", *s) for s in LLAMA2_13B]
+MS = [1, 4, 16, 64, 256, 1024, 4096, 8192]
+QUICK_MS = [1, 16, 256, 4096]
 
 
 GRAPH_FAILURES: list = []

@@ -13,7 +13,9 @@ Methods (`method=`), the same function, each in its own module:
            dots. Runs on every GPU and in the CPU interpreter; for small M it swaps the operands and splits K.
   "fp8"    kernels/gemm_fp8.py: a pass unpacks both operands once into FP8 e4m3 (exact for -8..7), then a Triton
            block-scaled FP8 GEMM (GPUs with FP8 tensor cores: Hopper, Ada; the teaching kernel and the fallback).
-`method=None` chooses per GPU and per M (`choose_method`). On the GPU triton.autotune picks tile shapes, split-K
+  "blockwise" kernels/gemm_blockwise.py: the same FP8 operands (keepers as exact FP8 digit blocks) through torch's
+           blockwise-scaled FP8 GEMM (cuBLASLt, SM90, torch >= 2.9; a PyTorch twin under the interpreter).
+`method=None` chooses per GPU, torch version and M (`select_method`, a pure function; `choose_method` applies it). On the GPU triton.autotune picks tile shapes, split-K
 factor and pipeline depth per (shape, power-of-two M) among candidates taken from the sweeps (benchmarks/NOTES.md).
 The interpreter runs every method (tests), and every method runs compiled in tests/test_gemm.py on a GPU.
 """
@@ -23,7 +25,7 @@ import os
 
 import torch
 
-from . import gemm_fp8, gemm_int4
+from . import gemm_blockwise, gemm_fp8, gemm_int4
 from ._common import check_tensor, interpreting, pow2_at_least
 from .formats import PackedAtom
 from .gemm_fp8 import unpack_fp8  # noqa: F401  (part of this module's API: benchmarks time the unpack alone)
@@ -134,23 +136,49 @@ def _check_inputs(a, w, out_dtype, residual, check_finite):
 # keeps the number of compiled variants small (the GPU test run).
 AUTOTUNE = os.environ.get("ATOM_LAB_AUTOTUNE", "1") != "0"
 
-# Set from the H100 sweeps (benchmarks/NOTES.md): below FP8_MIN_M tokens the fused kernel wins (the FP8 path must
-# first write a full FP8 copy of the weights); from there on the FP8 tensor cores win.
+# Thresholds in tokens, from the sweeps (benchmarks/NOTES.md): below FP8_MIN_M the fused kernel beats our Triton FP8
+# path (which must first write an FP8 copy of the weights); from BLOCKWISE_MIN_M on the library's blockwise FP8
+# GEMM (weights unpacked per call) beats both on the H200.
 FP8_MIN_M = 512
+BLOCKWISE_MIN_M = 512
+METHODS = ("fused", "fp8", "blockwise")
+
+
+def select_method(M: int, capability: tuple[int, int] | None, torch_ver: tuple[int, int],
+                  group_size: int = 128) -> str:
+    """The method for M tokens on a GPU of compute `capability` (None: the CPU interpreter) under torch `torch_ver`.
+
+    None         -> "fused" (the interpreter runs every method; this one is the cheapest there)
+    (7, 5) T4    -> "fused" (Triton has no bf16 / FP8 dots there: the int8 tensor-core path only)
+    (8, x < 9)   -> "fused" (A100 / A10: no FP8 tensor cores)
+    (8, 9) Ada   -> "fused" below FP8_MIN_M, "fp8" from there on
+    (9, 0) Hopper, torch >= 2.9, G = 128 -> "fused" below BLOCKWISE_MIN_M, "blockwise" (cuBLASLt) from there on;
+                 without the library path as Ada.
+    A pure function (no device query), so that every branch is unit-tested on a CPU.
+    """
+    if capability is None or tuple(capability) < (8, 9):
+        return "fused"
+    if group_size == gemm_blockwise.BLOCK and gemm_blockwise.blockwise_supported(tuple(capability), torch_ver):
+        return "blockwise" if M >= BLOCKWISE_MIN_M else "fused"
+    return "fp8" if M >= FP8_MIN_M else "fused"
+
+
+def device_capability(device) -> tuple[int, int] | None:
+    """Compute capability of a CUDA device; None for the CPU (interpreter) and anything else."""
+    device = torch.device(device)
+    if device.type != "cuda" or interpreting():
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
 
 
 def has_fp8_tensor_cores(device) -> bool:
-    if device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    cap = device_capability(device)
+    return cap is not None and cap >= (8, 9)
 
 
-def choose_method(M: int, device) -> str:
-    """"fp8" for M >= FP8_MIN_M where the GPU has FP8 tensor cores (Hopper, Ada), "fused" otherwise; the CPU
-    interpreter always gets "fused"."""
-    if interpreting() or not has_fp8_tensor_cores(device):
-        return "fused"
-    return "fp8" if M >= FP8_MIN_M else "fused"
+def choose_method(M: int, device, group_size: int = 128) -> str:
+    """select_method for this device and the running torch."""
+    return select_method(M, device_capability(device), gemm_blockwise.torch_version(), group_size)
 
 
 def _interp_tiles(M: int, N: int):
@@ -166,6 +194,8 @@ def last_config(M: int, method: str) -> str:
     """The configuration the autotuner used in the last GPU call for M tokens (for benchmark records)."""
     if not AUTOTUNE:
         return "untuned default"
+    if method == "blockwise":
+        return "cuBLASLt blockwise 1x128 (torch scaled_mm)"
     if method == "fp8":
         tuner = gemm_fp8._fp8_tuner
     elif M <= gemm_int4.SWAP_CLASSES[-1][0]:
@@ -186,8 +216,9 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
         w: PackedAtom of the weights, N rows (output channels), same K, keeper and group size G.
         out_dtype: torch.float16, torch.bfloat16 or torch.float32.
         residual: optional [M, N] tensor (fp16/bf16/fp32) added in the epilogue.
-        method: None (choose per GPU and M, see choose_method), "fused" or "fp8" (needs FP8 tensor cores, or the
-            interpreter).
+        method: None (choose per GPU and M: select_method), "fused", "fp8" (needs FP8 tensor cores, or the
+            interpreter) or "blockwise" (the library's FP8 GEMM: SM90 + torch >= 2.9, or its PyTorch twin under the
+            interpreter; group size 128 only).
         check_finite: reject NaN/inf scales (one device sync); default on for CPU tensors only.
     Returns:
         [M, N] tensor of out_dtype.
@@ -199,12 +230,21 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
         check_finite = isinstance(a, PackedAtom) and a.q4.device.type == "cpu"
     _check_inputs(a, w, out_dtype, residual, check_finite)
     M, N, device = a.rows, w.rows, a.q4.device
-    method = method or choose_method(M, device)
-    if method not in ("fused", "fp8"):
-        raise ValueError(f"method must be None, 'fused' or 'fp8', got {method!r}.")
+    method = method or choose_method(M, device, a.group_size)
+    if method not in METHODS:
+        raise ValueError(f"method must be None or one of {METHODS}, got {method!r}.")
     if method == "fp8" and not (interpreting() or has_fp8_tensor_cores(device)):
         raise ValueError(f"method='fp8' needs a GPU with FP8 tensor cores (compute capability >= 8.9); "
                          f"{device} has none. Use method='fused'.")
+    if method == "blockwise":
+        if a.group_size != gemm_blockwise.BLOCK:
+            raise ValueError(f"method='blockwise' needs group_size={gemm_blockwise.BLOCK} (the library's 1x128 "
+                             f"blocks), got {a.group_size}; use method='fp8' or 'fused'.")
+        cap = device_capability(device)
+        if not interpreting() and not gemm_blockwise.blockwise_supported(cap, gemm_blockwise.torch_version()):
+            raise ValueError(f"method='blockwise' needs an SM90 GPU and torch >= 2.9 (got capability {cap}, torch "
+                             f"{torch.__version__}); use method='fp8' or 'fused'.")
+        return gemm_blockwise.w4a4_gemm_blockwise(a, w, out_dtype, residual)
     # The interpreter has no bf16 arithmetic: compute in fp32 there and cast with PyTorch.
     kernel_dtype = torch.float32 if interpreting() and out_dtype == torch.bfloat16 else out_dtype
     res = residual

@@ -137,15 +137,16 @@ def _fp8_group_gemm_tma_kernel(
     tl.store(out + rm[:, None] * s_om + rn[None, :], acc.to(out.dtype.element_ty), mask=mask)
 
 
-def unpack_fp8(p: PackedAtom):
+def unpack_fp8(p: PackedAtom, extra_cols: int = 0, extra_groups: int = 0):
     """The INT4 part of p as FP8 e4m3 [rows, K - keeper], each group of G channels contiguous (the order inside a
     group differs from unpack_int4's; A and W use the same one, so group dots are unchanged), and its scales
-    transposed to fp32 [groups, rows]."""
+    transposed to fp32 [groups, rows]. extra_cols / extra_groups leave that many columns / scale rows after them
+    unwritten, for a caller that appends blocks of its own (kernels/gemm_blockwise.py: the keeper channels)."""
     R, KB = p.q4.shape
     G = p.group_size
     U = G // 2 if G >= 64 else 32
-    out = torch.empty(R, 2 * KB, dtype=torch.float8_e4m3fn, device=p.q4.device)
-    sT = torch.empty(p.s4.shape[1], R, dtype=torch.float32, device=p.q4.device)
+    out = torch.empty(R, 2 * KB + extra_cols, dtype=torch.float8_e4m3fn, device=p.q4.device)
+    sT = torch.empty(p.s4.shape[1] + extra_groups, R, dtype=torch.float32, device=p.q4.device)
     if interpreting():
         BR, UNITS = min(256, triton.next_power_of_2(R)), max(1, min(64, KB // U))
     else:

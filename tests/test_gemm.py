@@ -12,12 +12,13 @@ import torch
 import atom_lab
 from atom_lab.kernels import PackedAtom, pack_int4_ref, quantize_atom_ref, w4a4_gemm, w4a4_gemm_ref
 from atom_lab.kernels import gemm as G
-from atom_lab.kernels import gemm_fp8, gemm_int4
+from atom_lab.kernels import gemm_blockwise, gemm_fp8, gemm_int4
 
 DEV = atom_lab.default_device()
 GPU = DEV.type == "cuda"
 FP8_OK = not GPU or G.has_fp8_tensor_cores(DEV)
-METHODS = ["fused", "fp8"] if FP8_OK else ["fused"]
+BLOCKWISE_OK = not GPU or gemm_blockwise.blockwise_supported(G.device_capability(DEV), gemm_blockwise.torch_version())
+METHODS = ["fused"] + (["fp8"] if FP8_OK else []) + (["blockwise"] if BLOCKWISE_OK else [])
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +40,22 @@ def packed_pair(M, N, K4, group, keeper, seed, outliers=True):
     return (quantize_atom_ref(x.to(DEV), group, keeper, clip=0.9), quantize_atom_ref(w.to(DEV), group, keeper))
 
 
-def assert_matches(out, a, w, residual=None, rel=1e-5):
-    """|out - ref| <= rel * sum|terms| elementwise (fp32 summation-order rounding), plus fp16/bf16 output rounding."""
+def digit_bound(a, w):
+    """sum|terms| of the "blockwise" method's keeper part: each int8 code q is split into 16 h + l with
+    |16 h| <= |q| + 8 and |l| <= 8 (kernels/gemm_blockwise.py), so a keeper pair's four products sum to at most
+    (|qa| + 16)(|qw| + 16) in magnitude, instead of |qa qw|."""
+    ka, kw = a.q8.double().abs().cpu() + 16, w.q8.double().abs().cpu() + 16
+    return ((ka @ kw.T) * (a.s8.double().abs().cpu() * w.s8.double().abs().cpu().T)).float()
+
+
+def assert_matches(out, a, w, residual=None, rel=1e-5, method=None):
+    """|out - ref| <= rel * sum|terms| elementwise (fp32 summation-order rounding), plus fp16/bf16 output rounding.
+    rel = 1e-5 = 168 ulp of fp32 relative to sum|terms|: the sum runs over <= 86 group terms here (K <= 11008),
+    each rounded at most twice (scale product, accumulation)."""
     ref = w4a4_gemm_ref(a, w, torch.float32, residual).cpu()
     bound = w4a4_gemm_ref(a, w, torch.float32, residual, absolute=True).cpu()
+    if method == "blockwise" and a.keeper:
+        bound = bound + digit_bound(a, w)
     o = out.float().cpu()
     assert torch.isfinite(o).all(), "non-finite output (an element left unwritten?)"
     tol = rel * bound + 1e-30
@@ -63,7 +76,7 @@ def test_by_hand_exact():
     a = PackedAtom(pack_int4_ref(qa[None]), one.clone(), torch.tensor([[100, -3]], dtype=torch.int8), one * 0.5, 64)
     w = PackedAtom(pack_int4_ref(qw[None]), one * 2, torch.tensor([[2, 5]], dtype=torch.int8), one * 4, 64)
     want = 2 * int((qa.int() * qw.int()).sum()) + 0.5 * 4 * (100 * 2 - 3 * 5)
-    for method in METHODS:
+    for method in (m for m in METHODS if m != "blockwise"):  # G = 64 here; blockwise takes G = 128 only
         y = w4a4_gemm(a.to(DEV), w.to(DEV), torch.float32, method=method)
         assert y.shape == (1, 1) and y.item() == want, (method, y.item(), want)
 
@@ -81,21 +94,26 @@ for _i in range(18):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "M{M}-N{N}-K4_{K4}-G{group}-kp{keeper}".format(**c))
 @pytest.mark.parametrize("method", METHODS)
 def test_matches_reference_random(case, method):
+    if method == "blockwise" and case["group"] != 128:
+        pytest.skip("the library's blocks are 128 wide")
     a, w = packed_pair(case["M"], case["N"], case["K4"], case["group"], case["keeper"], case["seed"])
     out = w4a4_gemm(a, w, torch.float32, method=method)
     assert out.shape == (case["M"], case["N"]) and out.dtype == torch.float32
-    assert_matches(out, a, w)
+    assert_matches(out, a, w, method=method)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("res_dtype", [None, torch.float16, torch.bfloat16, torch.float32])
 def test_output_dtypes_and_residual(out_dtype, res_dtype):
-    a, w = packed_pair(19, 70, 256, 64, 64, seed=7)
-    res = None if res_dtype is None else torch.randn(19, 70, device=DEV).to(res_dtype)
-    for method in METHODS:
-        out = w4a4_gemm(a, w, out_dtype, residual=res, method=method)
-        assert out.dtype == out_dtype
-        assert_matches(out, a, w, res)
+    for group in (64, 128):
+        a, w = packed_pair(19, 80, 256, group, 64, seed=7)
+        res = None if res_dtype is None else torch.randn(19, 80, device=DEV).to(res_dtype)
+        for method in METHODS:
+            if method == "blockwise" and group != 128:
+                continue
+            out = w4a4_gemm(a, w, out_dtype, residual=res, method=method)
+            assert out.dtype == out_dtype
+            assert_matches(out, a, w, res, method=method)
 
 
 def test_dispatch_default_and_rows_slices():
@@ -104,6 +122,38 @@ def test_dispatch_default_and_rows_slices():
     assert_matches(w4a4_gemm(a, w, torch.float32), a, w)
     sub = PackedAtom(a.q4[5:9], a.s4[5:9], a.q8[5:9], a.s8[5:9], 128)
     assert_matches(w4a4_gemm(sub, w, torch.float32), sub, w)
+
+
+def test_select_method_per_gpu():
+    """The dispatch as a pure function of (M, compute capability, torch version): every branch on a CPU."""
+    new, old = (2, 11), (2, 8)
+    for M in (1, 16, 256, 8192):
+        assert G.select_method(M, None, new) == "fused"            # CPU interpreter
+        assert G.select_method(M, (7, 5), new) == "fused"          # T4: int8 tensor cores only
+        assert G.select_method(M, (8, 0), new) == "fused"          # A100
+        assert G.select_method(M, (8, 6), new) == "fused"          # A10 / RTX 30
+    assert G.select_method(G.FP8_MIN_M - 1, (8, 9), new) == "fused"
+    assert G.select_method(G.FP8_MIN_M, (8, 9), new) == "fp8"      # Ada: our FP8 kernel, no blockwise library
+    assert G.select_method(1, (9, 0), new) == "fused"
+    assert G.select_method(G.BLOCKWISE_MIN_M, (9, 0), new) == "blockwise"
+    assert G.select_method(8192, (9, 0), new) == "blockwise"
+    assert G.select_method(8192, (9, 0), old) == "fp8"              # torch < 2.9: no blockwise scaled_mm
+    assert G.select_method(8192, (9, 0), new, group_size=64) == "fp8"  # library blocks are 128 wide
+    assert G.select_method(8192, (10, 0), new) == "fp8"             # Blackwell: the SM90 recipe does not apply
+    assert G.choose_method(8192, torch.device("cpu")) == "fused"
+
+
+def test_keeper_digits_are_exact():
+    """Every int8 code equals 16 h + l with h in [-8, 8] and l in [-8, 7], both exact in FP8 e4m3."""
+    q = torch.arange(-128, 128, dtype=torch.int8)[None]
+    one = torch.ones(1, 1, dtype=torch.float16)
+    out = torch.empty(1, 4 * 256, dtype=torch.float8_e4m3fn)  # 256 keepers: four digit blocks of 256 columns
+    sT = torch.empty(8, 1)
+    gemm_blockwise._keeper_blocks(q, one, "a", out, sT, 0, 0)     # activations: [h | h | l | l]
+    h, l = out[0, :256].float(), out[0, 512:768].float()
+    assert torch.equal(16 * h + l, q[0].float()) and h.abs().max() <= 8 and l.min() >= -8 and l.max() <= 7
+    assert torch.equal(out[0, 256:512].float(), h) and torch.equal(out[0, 768:].float(), l)
+    assert sT.flatten().tolist() == [16.0] * 4 + [1.0] * 4
 
 
 def test_fp8_path_is_exact_on_extreme_integers():
@@ -126,6 +176,10 @@ def test_fp8_path_is_exact_on_extreme_integers():
         for method in METHODS:
             out = w4a4_gemm(a, w, torch.float32, method=method).cpu()
             assert torch.equal(out, want), (fill, method, (out - want).abs().max().item())
+        if BLOCKWISE_OK:  # the same operands through the library (or its twin) straight from the prepared FP8
+            pa, pw = gemm_blockwise.prepare_fp8(a, "a"), gemm_blockwise.prepare_fp8(w, "w")
+            twin = gemm_blockwise.scaled_mm_emulated(*pa, *pw).cpu()
+            assert torch.equal(twin, want), (fill, "twin")
 
 
 @pytest.mark.skipif(not GPU, reason="GPU-only configurations (compiled tile shapes, split-K, TMA)")
@@ -162,6 +216,23 @@ def test_gpu_autotuned_dispatch(M):
     assert int(gemm_int4._tile_counters(DEV, 1).abs().sum()) == 0
 
 
+@pytest.mark.skipif(not (GPU and BLOCKWISE_OK), reason="the library's blockwise FP8 GEMM needs SM90 + torch >= 2.9")
+@pytest.mark.parametrize("M", [1, 3, 64, 700])
+def test_gpu_library_equals_twin(M):
+    """The cuBLASLt blockwise GEMM against its PyTorch twin on the same prepared operands, and the whole method
+    against the reference, on a Llama-like ragged shape (N not a multiple of 128)."""
+    a, w = packed_pair(M, 1000, 3968, 128, 128, seed=M)
+    pa, pw = gemm_blockwise.prepare_fp8(a, "a"), gemm_blockwise.prepare_fp8(w, "w")
+    lib = gemm_blockwise.blockwise_gemm(pa, pw, torch.float32)
+    twin = gemm_blockwise.scaled_mm_emulated(*pa, *pw)
+    assert_matches(lib, a, w, method="blockwise")
+    assert_matches(twin, a, w, method="blockwise")
+    for dt in (torch.bfloat16, torch.float16):
+        res = torch.randn(M, 1000, device=DEV, dtype=dt)
+        assert_matches(w4a4_gemm(a, w, dt, method="blockwise"), a, w, method="blockwise")
+        assert_matches(w4a4_gemm(a, w, dt, residual=res, method="blockwise"), a, w, res, method="blockwise")
+
+
 def test_rejects_bad_input():
     a, w = packed_pair(4, 8, 128, 64, 64, seed=0)
     with pytest.raises(TypeError, match="PackedAtom"):
@@ -190,6 +261,8 @@ def test_rejects_bad_input():
         w4a4_gemm(PackedAtom(a.q4[:0], a.s4[:0], a.q8[:0], a.s8[:0], 64), w)
     with pytest.raises(ValueError, match="method"):
         w4a4_gemm(a, w, method="int2")
+    with pytest.raises(ValueError, match="group_size=128"):
+        w4a4_gemm(a, w, method="blockwise")
     bad = a.s4.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
