@@ -49,7 +49,7 @@ def test_block_manager_pages_and_refcounts():
     bm.free(a)
     assert bm.num_free == 3 and bm.ref_count[b.pages[0]] == 1  # the shared page survives its first holder
     bm.free(b)
-    assert bm.num_free == 4 and sum(bm.ref_count) == 0
+    assert bm.num_free == 4 and sum(bm.ref_count.values()) == 0
     big = Sequence([1] * 17, SamplingParams())
     assert not bm.can_allocate(big)
     with pytest.raises(OutOfPages):

@@ -20,15 +20,19 @@ class OutOfPages(RuntimeError):
 class BlockManager:
     """Pages 0..num_pages-1 of page_size tokens each."""
 
-    def __init__(self, num_pages: int, page_size: int):
+    def __init__(self, num_pages: int, page_size: int, page_ids: list[int] | None = None):
+        """page_ids: the pool's ids of the pages this manager hands out (default 0..num_pages-1)."""
         if not isinstance(num_pages, int) or num_pages < 1:
             raise ValueError(f"num_pages={num_pages!r} must be an int >= 1 (the KV pool holds no page otherwise; "
                              "raise the memory budget or shrink the model).")
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size={page_size!r} must be an int >= 1 (tokens per page, e.g. 16).")
         self.num_pages, self.page_size = num_pages, page_size
-        self.free_pages: deque[int] = deque(range(num_pages))
-        self.ref_count = [0] * num_pages
+        ids = list(range(num_pages)) if page_ids is None else list(page_ids)
+        if len(ids) != num_pages or len(set(ids)) != num_pages:
+            raise ValueError(f"page_ids must hold num_pages={num_pages} distinct ids, got {len(ids)}.")
+        self.free_pages: deque[int] = deque(ids)
+        self.ref_count = dict.fromkeys(ids, 0)
 
     @property
     def num_free(self) -> int:
