@@ -1,8 +1,9 @@
 """backend="triton": QuantLinear and whole models running on the Triton kernels, against the reference backend.
 
 The same file runs on a CPU (Triton interpreter) and compiled on a GPU: tensors go to atom_lab.default_device().
-On a CPU the activation quantization is bit-exact between the two backends for layers without a fused norm, so
-the only difference is the fp32 summation order of the GEMM; fused RMSNorm / SiLU differ by float32 rounding.
+Nothing here depends on which float32 roundings a CPU's kernels make (tests/agreement.py): codes are compared
+exactly, with every difference explained as a counted rounding-boundary crossing, and float outputs within derived
+float32 summation bounds. `make test-cpu-variants` runs this file under several ATen/MKL kernel choices.
 """
 import copy
 
@@ -13,8 +14,9 @@ import atom_lab
 from atom_lab import AtomConfig, FusedMLP, QuantLinear, RMSNormQuantize, quantize_model, set_backend
 from atom_lab import backend as B
 from atom_lab import qlinear as QL
-from atom_lab.kernels import dequantize_atom_ref, reorder_quantize_ref, rmsnorm_quantize_ref, w4a4_gemm_ref
+from atom_lab.kernels import dequantize_atom_ref, reorder_quantize_ref, rmsnorm_ref, w4a4_gemm_ref
 from atom_lab.recipe import model_size_report
+from agreement import assert_codes_explained, check_block, flip_one, gemm_tolerance
 
 DEV = atom_lab.default_device()
 TEXTS = [f"Article {i}: the {w} of {v} was measured at {i * 7} units, then again in {1900 + i}." * 6
@@ -74,8 +76,11 @@ def test_layer_without_reordering_uses_the_identity():
     assert config.keeper == 0 and not config.reorders
     lin, ref_layer = _layer(K=192, N=40, config=config)
     x = _x((5,), 192)
-    y = copy.deepcopy(ref_layer).set_backend("triton")(x)
-    assert torch.allclose(y, ref_layer(x), rtol=1e-4, atol=1e-4)
+    tri_layer = copy.deepcopy(ref_layer).set_backend("triton")
+    y = tri_layer(x)
+    a = reorder_quantize_ref(x, tri_layer.kernel_index, 64, 0, ref_layer.a_clip)  # no float path before the quantizer
+    tol = gemm_tolerance(w4a4_gemm_ref(a, ref_layer.packed, torch.float32, absolute=True), 192, lin.bias)
+    assert ((y - ref_layer(x)).abs() <= tol).all()
 
 
 def test_kv_outputs_are_fake_quantized_on_both_backends():
@@ -120,35 +125,65 @@ def tiny_atom():
     return quantize_model(model, ATOM_RTN, tokenizer=tok, **CHEAP)
 
 
-def test_tiny_models_agree(tiny):
-    """llama, mistral, qwen2 on the kernels vs the reference backend.
+def _block_inputs(model, ids):
+    """The reference model's input (x [B, T, H], kwargs) of every decoder block, and its logits."""
+    inputs = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, kw: inputs.append((a[0] if a else kw["hidden_states"], kw)),
+                                         with_kwargs=True) for b in model.model.layers]
+    try:
+        logits = _logits(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs, logits
 
-    Exact part: every QuantLinear on the kernels, fed the input its reference twin saw, gives the reference output
-    to float32 summation rounding. End to end only closeness is promised: the two GEMMs sum in different orders, and
-    one float32 ulp can move an activation across a rounding boundary, which later layers amplify (on an H100 the
-    tiny llama ends 3% apart in logits from one such flip in block 0's o_proj; on a CPU these seeds flip nothing).
+
+def _agree_per_block(ref_model, tri_model, inputs) -> dict:
+    totals = {}
+    for i, (rb, tb, (x, kw)) in enumerate(zip(ref_model.model.layers, tri_model.model.layers, inputs)):
+        try:
+            counts = check_block(rb, tb, x, kw)
+        except AssertionError as e:
+            raise AssertionError(f"block {i}: {e}") from e
+        totals = {k: totals.get(k, 0) + v for k, v in counts.items()}
+    return totals
+
+
+def test_tiny_models_agree(tiny):
+    """llama, mistral, qwen2 on the kernels vs the reference backend, every block teacher-forced (check_block).
+
+    End to end only closeness is promised: a code flip (counted and explained per block) is amplified by later
+    layers, so the logits of the two backends are compared loosely: they must be far closer to each other than
+    either is to the float model (the quantization error itself), which no float-rounding effect can undo.
     """
     arch, model, tok = tiny
     q = quantize_model(copy.deepcopy(model), ATOM_RTN, tokenizer=tok, **CHEAP)
     ids = _ids()
-    seen = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a: seen.__setitem__(m.name, a[0]))
-             for m in q.modules() if isinstance(m, QuantLinear)]
-    ref = _logits(q, ids)
-    for h in hooks:
-        h.remove()
-    with torch.no_grad():
-        for m in q.modules():
-            if isinstance(m, QuantLinear):
-                y_ref, y = m(seen[m.name]), copy.deepcopy(m).set_backend("triton")(seen[m.name])
-                assert ((y - y_ref).norm() / y_ref.norm()).item() < 1e-5, (arch, m.name)
-    tri = _logits(set_backend(copy.deepcopy(q), "triton"), ids)
+    inputs, ref = _block_inputs(q, ids)
+    tri_model = set_backend(copy.deepcopy(q), "triton")
+    counts = _agree_per_block(q, tri_model, inputs)
+    print(arch, "per-block code flips:", counts)
+    assert counts["flips"] <= 1e-3 * counts["values"], (arch, counts)
+    tri = _logits(tri_model, ids)
     assert torch.isfinite(tri).all()
     rel = ((tri - ref).norm() / ref.norm()).item()
-    top1 = (tri.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert rel < 0.1 and top1 >= 0.95, (arch, rel, top1)
-    # and both are a quantized model, far from the float one
-    assert ((_logits(model, ids) - ref).norm() / ref.norm()).item() > 3 * rel
+    assert ((_logits(model, ids) - ref).norm() / ref.norm()).item() > 3 * rel, (arch, rel)
+
+
+@pytest.mark.parametrize("what", ["code", "scale"])
+@pytest.mark.parametrize("kernel", ["rmsnorm_quantize", "silu_mul_quantize"])
+def test_agreement_checks_catch_one_flipped_code_or_scale(tiny_atom, monkeypatch, kernel, what):
+    """The test of the test: a kernel whose output differs from the right one in ONE code by one step, or in ONE
+    scale by one fp16 ulp or two, makes check_block fail (and the unmodified kernel passes)."""
+    ids = _ids(n=12, batch=1)
+    inputs, _ = _block_inputs(tiny_atom, ids)
+    tri_model = set_backend(copy.deepcopy(tiny_atom), "triton")
+    b0 = (tiny_atom.model.layers[0], tri_model.model.layers[0], *inputs[0])
+    check_block(*b0)
+    real = getattr(B, kernel)
+    monkeypatch.setattr(B, kernel, lambda *a, **kw: flip_one(real(*a, **kw), what))
+    with pytest.raises(AssertionError, match="differ|steps"):
+        check_block(*b0)
 
 
 def test_direct_triton_quantization_is_the_same_model(tiny_atom):
@@ -195,8 +230,9 @@ def test_fused_norm_hands_over_the_kernel_output(tiny_atom):
         out = norm(x)
     assert out.shape == x.shape and torch.isnan(out).all()  # a placeholder: never used as numbers
     p = qp.shared_input.get(out)
-    expected = rmsnorm_quantize_ref(x, norm.weight, norm.variance_epsilon, qp.reorder, 64, 128, qp.a_clip)
-    assert all(torch.equal(getattr(p, f), getattr(expected, f)) for f in ("q4", "s4", "q8", "s8"))
+    # kernel vs *_ref on the same input: equal but for float64 -> float32 straddles of rstd (counted, ~1e-8/value)
+    v = rmsnorm_ref(x.reshape(-1, 256), norm.weight, norm.variance_epsilon)[:, qp.reorder]
+    assert_codes_explained(p, v, v, qp.a_clip, "rmsnorm_quantize")
     # any other tensor misses the shared entry and is quantized by the layer itself
     y = _x((2, 9), 256, seed=5)
     assert qp.shared_input.get(y) is None
@@ -234,33 +270,26 @@ def test_size_report_next_to_the_float_layer(tiny_atom):
 
 @pytest.mark.smollm2
 def test_smollm2_agrees(smollm2, corpus):
-    """The real model: all 210 linear layers of the 30 blocks on the kernels, 16 tokens (~1-2 min interpreted).
+    """The real model: all 210 linear layers of the 30 blocks on the kernels, 8 tokens, each block teacher-forced.
 
     Quantized models are chaotic: a float32 rounding difference that moves one activation across a rounding boundary
     changes a code by one step, later layers amplify it, and after a few blocks the two runs carry different rounding
-    noise (the reference backend differs from ITSELF computed in float64 about as much; see notebook 04). So the
-    exact check is per block, teacher-forced: each block on the kernels, fed the reference model's input of that
-    block, must reproduce the reference block to float32 rounding. End to end, the logits must stay close.
+    noise (the reference backend differs from ITSELF computed in float64 about as much; see notebook 04). Which codes
+    flip depends on the CPU's kernels, so check_block asserts only what holds on every machine: each flip is a
+    one-step boundary crossing between the two float paths, their number within its Poisson bound, and with the
+    Triton codes injected the block outputs agree within the float32 summation bound. End to end: the logits stay
+    close (KL < 1 nat, top-1 agreement >= 1/2: a broken kernel gives unrelated logits, KL of several nats).
     """
     model, tok = smollm2
     q = quantize_model(copy.deepcopy(model), ATOM_RTN, calibration=corpus["calibration"]["text"][:200],
                        tokenizer=tok, n_tokens=256, seq_len=128, progress=False)
-    ids = atom_lab.eval_windows(tok, corpus["test"]["text"], 16, 1).to(DEV)
-    inputs = []
-    hooks = [b.register_forward_pre_hook(lambda m, a, kw: inputs.append((a[0] if a else kw["hidden_states"], kw)),
-                                         with_kwargs=True) for b in q.model.layers]
-    ref = _logits(q, ids)[0]
-    for h in hooks:
-        h.remove()
-    with torch.no_grad():
-        ref_blocks = [b(x, **kw) for b, (x, kw) in zip(q.model.layers, inputs)]
-        tri = _logits(set_backend(q, "triton"), ids)[0]
-        assert len(q.atom_fusions) == 30 and all(len(f) == 3 for f in q.atom_fusions.values())
-        for i, (b, (x, kw), y_ref) in enumerate(zip(q.model.layers, inputs, ref_blocks)):
-            y_ref = y_ref[0] if isinstance(y_ref, tuple) else y_ref
-            y = b(x, **kw)
-            y = y[0] if isinstance(y, tuple) else y
-            rel = ((y - y_ref).norm() / (y_ref - x).norm()).item()  # relative to what the block adds
-            assert rel < 1e-4, (i, rel)
-    kl = atom_lab.kl_divergence(ref, tri).item()
-    assert torch.isfinite(tri).all() and kl < 1.0 and atom_lab.top1_agreement(ref, tri) >= 0.5, kl
+    ids = atom_lab.eval_windows(tok, corpus["test"]["text"], 8, 1).to(DEV)
+    inputs, ref = _block_inputs(q, ids)
+    tri_model = set_backend(copy.deepcopy(q), "triton")
+    assert len(tri_model.atom_fusions) == 30 and all(len(f) == 3 for f in tri_model.atom_fusions.values())
+    counts = _agree_per_block(q, tri_model, inputs)
+    print("smollm2 per-block code flips:", counts)
+    assert counts["flips"] <= 1e-3 * counts["values"], counts
+    tri = _logits(tri_model, ids)[0]
+    kl = atom_lab.kl_divergence(ref[0], tri).item()
+    assert torch.isfinite(tri).all() and kl < 1.0 and atom_lab.top1_agreement(ref[0], tri) >= 0.5, kl
