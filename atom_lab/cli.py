@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="write the result to this JSON file")
     p.set_defaults(func=_cmd_backends)
+
+    from atom_lab.serve.commands import add_serve_commands
+    add_serve_commands(sub)  # serve, serve-bench
     return parser
 
 

@@ -190,13 +190,14 @@ class SimResult:
 
 def simulate(shape: ModelShape, fmt: Format, gpu: GPU, budget_bytes: float, workload: list[tuple[int, int]],
              max_num_seqs: int = 256, max_tokens_per_step: int = 8192, page_size: int = 16,
-             tp: int = 1) -> SimResult:
+             tp: int = 1, num_pages: int | None = None) -> SimResult:
     """Serve `workload` ((prompt, output) lengths, all queued at t = 0) with the engine's scheduler and the cost
-    model; the KV pool gets what the memory plan leaves of budget_bytes (per GPU: weights and KV split tp ways)."""
+    model; the KV pool gets what the memory plan leaves of budget_bytes (per GPU: weights and KV split tp ways), or
+    exactly num_pages pages when given (to mirror an engine run)."""
     cost = CostModel(shape, fmt, gpu, tp)
     p = plan(shape, fmt, budget_bytes * tp, tokens_per_request=1, tokens_per_step=max_tokens_per_step,
              max_batch_rows=max_num_seqs)
-    bm = BlockManager(int(p.tokens // page_size), page_size)
+    bm = BlockManager(num_pages or int(p.tokens // page_size), page_size)
     sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens_per_step), bm)
     for i, (n, m) in enumerate(workload):
         sched.add(Sequence([0] * n, SamplingParams(max_new_tokens=m, ignore_eos=True), request_id=i))
