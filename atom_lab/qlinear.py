@@ -288,9 +288,10 @@ class QuantLinear(torch.nn.Module):
 
     def _quantize_output(self, y: torch.Tensor) -> torch.Tensor:
         if self.out_bits < 16:
-            # KV cache: asymmetric, per token per head, fake-quantized in float on BOTH backends (the INT4
-            # KV-cache kernel comes in a later chapter). Atom quantizes K AFTER RoPE; this is before it (RoPE is
-            # applied later inside the attention module), an approximation the KV-cache chapter removes.
+            # KV cache: asymmetric, per token per head, fake-quantized in float on BOTH backends: the float
+            # simulation. K is quantized BEFORE RoPE (RoPE is applied later inside the attention module), which is
+            # what Atom does (its decode kernel rotates K after dequantizing). The real packed cache is
+            # atom_lab/kv_cache.py (PagedDecoder switches this simulation off while it stores the codes).
             y = fake_quantize_asymmetric(y, self.out_bits, self.out_group)
         return y
 

@@ -147,8 +147,10 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_pt
     qh = h * QPK + qi
     d = tl.arange(0, HALF)
     qrow = q_ptr + (b * Hq + qh[:, None]) * D
-    q_lo = tl.load(qrow + d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32) * sm_scale
-    q_hi = tl.load(qrow + HALF + d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32) * sm_scale
+    # fp16 operands for the tensor cores (tl.dot needs >= 16 rows: BLOCK_Q pads the QPK heads), fp32 accumulators
+    q_lo = (tl.load(qrow + d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32) * sm_scale).to(tl.float16)
+    q_hi = (tl.load(qrow + HALF + d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32) * sm_scale).to(
+        tl.float16)
     m_i = tl.full([BLOCK_Q], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc_lo = tl.zeros([BLOCK_Q, HALF], tl.float32)
@@ -166,17 +168,16 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_pt
             c = tl.cos(f) * rope_scaling
             s = tl.sin(f) * rope_scaling
             k_lo, k_hi = k_lo * c - k_hi * s, k_hi * c + k_lo * s
-        # [BLOCK_Q, BLOCK_N] scores as fp32 products summed over the head: exact enough, and the same on a CPU
-        sc = tl.sum(q_lo[:, None, :] * k_lo[None, :, :], axis=2) + tl.sum(q_hi[:, None, :] * k_hi[None, :, :],
-                                                                       axis=2)
+        sc = tl.dot(q_lo, tl.trans(k_lo.to(tl.float16))) + tl.dot(q_hi, tl.trans(k_hi.to(tl.float16)))
         sc = tl.where(tmask[None, :], sc, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_lo, v_hi = _load_half(vc_ptr, vsz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
-        acc_lo = acc_lo * alpha[:, None] + tl.sum(p[:, :, None] * v_lo[None, :, :], axis=1)
-        acc_hi = acc_hi * alpha[:, None] + tl.sum(p[:, :, None] * v_hi[None, :, :], axis=1)
+        p16 = p.to(tl.float16)
+        acc_lo = acc_lo * alpha[:, None] + tl.dot(p16, v_lo.to(tl.float16))
+        acc_hi = acc_hi * alpha[:, None] + tl.dot(p16, v_hi.to(tl.float16))
         m_i = m_new
     valid = t0 < n
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -225,8 +226,8 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     Hkv = k_codes.shape[1]
     if Hq % Hkv:
         raise ValueError(f"q has {Hq} heads, not a multiple of the cache's {Hkv} KV heads (GQA needs Hq % Hkv == 0).")
-    if D & (D - 1) or D < 4:
-        raise ValueError(f"head_dim={D} must be a power of two >= 4 for the decode kernel.")
+    if D & (D - 1) or D < 32:
+        raise ValueError(f"head_dim={D} must be a power of two >= 32 for the decode kernel (tensor-core tiles).")
     if page_table.shape[0] != B or lengths.shape[0] != B:
         raise ValueError(f"page_table {tuple(page_table.shape)} and lengths {tuple(lengths.shape)} need one row per "
                          f"sequence of q ({B}).")
@@ -248,7 +249,7 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     _decode_split_kernel[(B, Hkv, num_splits)](
         q.contiguous(), k_codes, k_sz if k_sz is not None else k_codes, v_codes, v_sz if v_sz is not None else v_codes,
         page_table, lengths, inv_freq, o, lse, Hq, Hkv, max_pages, tokens_per_split, float(sm_scale), float(scaling),
-        D=D, G=G, BITS=bits, PAGE=page_size, QPK=qpk, BLOCK_Q=max(1, triton.next_power_of_2(qpk)), BLOCK_N=block_n,
+        D=D, G=G, BITS=bits, PAGE=page_size, QPK=qpk, BLOCK_Q=max(16, triton.next_power_of_2(qpk)), BLOCK_N=block_n,
         ROPE=rope is not None, NSPLIT=num_splits, num_warps=num_warps)
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
     _merge_kernel[(B * Hq,)](o, lse, out, D=D, NSPLIT=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))
