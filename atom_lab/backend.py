@@ -8,6 +8,7 @@ the kernel that produces it, as in Atom:
     attention output --reorder_quantize--> o_proj                                 (QuantLinear on its own)
     residual --rmsnorm_quantize--> ONE PackedAtom --> gate_proj, up_proj          (post_attention_layernorm replaced)
     gate_out, up_out --silu_mul_quantize--> PackedAtom --> down_proj              (mlp replaced by FusedMLP)
+                     (silu_mul_rotate_quantize when down_proj's input is rotated online: atom_lab.rotation)
 
 The mechanism: a replaced norm (RMSNormQuantize) runs the fused kernel, puts its PackedAtom into a SharedInput that
 q/k/v (resp. gate/up) hold, and returns a placeholder tensor of the normed activation's shape. The attention module
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from atom_lab.kernels import rmsnorm_quantize, silu_mul_quantize
+from atom_lab.kernels import rmsnorm_quantize, silu_mul_quantize, silu_mul_rotate_quantize
 from atom_lab.qlinear import TRITON_CONFIGS, QuantLinear, SharedInput, check_backend
 
 # Module classes whose forward is exactly Llama's RMSNorm / gated MLP, so the fused kernels may replace them.
@@ -89,7 +90,11 @@ class FusedMLP(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         d = self.down_proj
-        a = silu_mul_quantize(gate, up, d.kernel_index, d.group_size, d.keeper, d.a_clip)
+        rotation = getattr(d, "atom_online_rotation", None)  # a rotated model (atom_lab.rotation): QuaRot's
+        if rotation is not None:                              # online Hadamard, fused into the same kernel
+            a = silu_mul_rotate_quantize(gate, up, rotation, d.kernel_index, d.group_size, d.keeper, d.a_clip)
+        else:
+            a = silu_mul_quantize(gate, up, d.kernel_index, d.group_size, d.keeper, d.a_clip)
         return d.forward_packed(a, gate.shape[:-1], x.dtype)
 
 

@@ -54,7 +54,7 @@ def _cmd_ablation(args) -> int:
 
     import torch
 
-    from atom_lab.config import ablation_configs
+    from atom_lab.config import ablation_configs, rotation_configs
     from atom_lab.metrics import evaluate
     from atom_lab.recipe import model_size_report, quantize_model
 
@@ -65,7 +65,8 @@ def _cmd_ablation(args) -> int:
     corpus = atom_lab.load_corpus(args.corpus)
     windows = atom_lab.eval_windows(tok, corpus["test"]["text"], args.seq_len, args.max_windows)
     calib = corpus["calibration"]["text"]
-    configs = ablation_configs(group_size=args.group_size, keeper=args.keeper)
+    configs = (ablation_configs(group_size=args.group_size, keeper=args.keeper)
+               + rotation_configs(group_size=args.group_size, keeper=args.keeper))
     if args.rows:
         wanted = [r.strip() for r in args.rows.split(",")]
         names = [c.name for c in configs]
@@ -90,7 +91,9 @@ def _cmd_ablation(args) -> int:
             copy.deepcopy(float_model), c, calibration=calib, tokenizer=tok, n_tokens=args.calib_tokens,
             seq_len=args.calib_seq_len, progress=not args.no_progress)
         size = model_size_report(m)
+        n_weights = size["fp16_bytes"] // 2
         info[c.name] = {"quantize_s": round(time.time() - t0, 1), "linear_bytes": size["stored_bytes"],
+                        "bits_per_weight": round(8 * size["stored_bytes"] / n_weights, 4),
                         "config": c.to_dict()}
         models[c.name] = m
         print(f"  quantized {c.name!r} in {info[c.name]['quantize_s']} s", flush=True)
@@ -98,13 +101,13 @@ def _cmd_ablation(args) -> int:
     results = evaluate(models, windows, reference=float_model, progress=not args.no_progress)
     print(f"  evaluated {len(models)} models in {time.time() - t0:.0f} s\n")
     base = results["fp16"]["ppl"]
-    print(f"{'row':<28}{'ppl':>10}{'x float':>9}{'KL':>9}{'top-1':>8}")
+    print(f"{'row':<28}{'ppl':>10}{'x float':>9}{'KL':>9}{'top-1':>8}{'bits/w':>8}")
     rows = []
     for c in configs:
         r = results[c.name]
         ratio = r["ppl"] / base
         print(f"{c.name:<28}{r['ppl']:>10.3f}{ratio:>9.3f}{r['kl']:>9.4f}"
-              f"{r['top1']:>8.3f}")
+              f"{r['top1']:>8.3f}{info[c.name]['bits_per_weight']:>8.3f}")
         rows.append({"name": c.name, "ppl": r["ppl"], "kl": r["kl"], "top1": r["top1"], "ppl_ratio": ratio,
                      "nll": r["nll"], **info[c.name]})
     if args.json:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 SORT_METRICS = ("hessian", "max")
+ROTATIONS = ("hadamard", "random")  # atom_lab.rotation
 KERNEL_GROUPS = (32, 64, 128)
 
 
@@ -41,6 +42,10 @@ class AtomConfig:
     kv_bits:          KV cache bits (asymmetric, per token per head); 16 = off.
     kv_group_size:    channels per KV scale/zero; None = head_dim (Atom: one per token per head).
     smooth_alpha:     SmoothQuant migration strength (0.5 in the paper) or None: no smoothing.
+    rotation:         QuaRot-style rotation of the residual stream before calibration (atom_lab.rotation):
+                      "hadamard" (randomised Hadamard), "random" (random orthogonal) or None.
+    rotation_seed:    seed of the rotation's random signs / matrix.
+    rotate_down:      with a rotation, also rotate every down_proj input at run time (online Hadamard).
     group_fallback:   when group_size does not divide a layer's channels, use the largest of 128/64/32 that does
                       (else per channel) instead of raising. Off for Atom, whose packed format needs exact groups.
     name:             a label for tables.
@@ -62,6 +67,9 @@ class AtomConfig:
     kv_group_size: int | None = None
     smooth_alpha: float | None = None
     group_fallback: bool = False
+    rotation: str | None = None
+    rotation_seed: int = 0
+    rotate_down: bool = True
     name: str = "custom"
 
     def __post_init__(self):
@@ -97,6 +105,12 @@ class AtomConfig:
         if self.smooth_alpha is not None and not (isinstance(self.smooth_alpha, (int, float))
                                                    and 0.0 <= self.smooth_alpha <= 1.0):
             raise ValueError(f"smooth_alpha={self.smooth_alpha!r} must lie in [0, 1] (SmoothQuant uses 0.5) or None.")
+        if self.rotation not in (*ROTATIONS, None):
+            raise ValueError(f"rotation={self.rotation!r} is unknown; use 'hadamard', 'random' or None.")
+        if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
+            raise ValueError(f"rotation_seed={self.rotation_seed!r} must be an int.")
+        if self.rotation is not None and self.smooth_alpha is not None:
+            raise ValueError("rotation and smooth_alpha are not combined here; set one of them to None.")
         if self.smooth_alpha is not None and self.sort_metric is not None:
             raise ValueError("smooth_alpha and sort_metric are two different outlier remedies and this library does "
                              "not combine them; set smooth_alpha=None (Atom) or sort_metric=None, keeper=0 "
@@ -173,6 +187,9 @@ class AtomConfig:
         atom      Atom: INT4 groups of 64 (128 in the paper; SmolLM2's 576 - 128 = 448 channels allow 64),
                   128 INT8 keeper channels sorted by the Hessian diagonal, clip 0.85 weights / 0.9 activations,
                   GPTQ, INT4 KV cache.
+        quarot    QuaRot-style: randomised Hadamard rotation of the residual stream and of every down_proj input,
+                  then INT4 groups of 64 without keepers, clip 0.85 / 0.9, GPTQ, INT4 KV cache.
+        atom+rotation  both: the rotation, then Atom's 128 INT8 keeper channels on the rotated activations.
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(PRESETS)}.")
@@ -193,6 +210,8 @@ PRESETS: dict[str, AtomConfig] = {
     "atom": AtomConfig(w_bits=4, a_bits=4, group_size=64, keeper=128, keeper_bits=8, w_clip=0.85, a_clip=0.9,
                        sort_metric="hessian", gptq=True, kv_bits=4, name="atom"),
 }
+PRESETS["quarot"] = PRESETS["atom"].replace(keeper=0, sort_metric=None, rotation="hadamard", name="quarot")
+PRESETS["atom+rotation"] = PRESETS["atom"].replace(rotation="hadamard", name="atom+rotation")
 
 
 def ablation_configs(group_size: int = 64, keeper: int = 128) -> list[AtomConfig]:
@@ -208,3 +227,12 @@ def ablation_configs(group_size: int = 64, keeper: int = 128) -> list[AtomConfig
     gptq = clip.replace(gptq=True, name="+ GPTQ")
     atom = AtomConfig.preset("atom", group_size=group_size, keeper=keeper, name="+ INT4 KV = atom")
     return [PRESETS["fp16"], PRESETS["w8a8"], PRESETS["w4a16"], rtn, group, reorder, clip, gptq, atom]
+
+
+def rotation_configs(group_size: int = 64, keeper: int = 128) -> list[AtomConfig]:
+    """The rotation rows of the ablation (issue 15): QuaRot-style (rotation + groups + clip + GPTQ, no keepers) and
+    Atom + rotation (both), each with a float and with an INT4 KV cache."""
+    quarot = AtomConfig.preset("quarot", group_size=group_size)
+    both = AtomConfig.preset("atom+rotation", group_size=group_size, keeper=keeper)
+    return [quarot.replace(kv_bits=16, name="quarot W4A4"), quarot.replace(name="quarot W4A4-KV4"),
+            both.replace(kv_bits=16, name="atom+rotation W4A4"), both.replace(name="atom+rotation W4A4-KV4")]

@@ -1,6 +1,8 @@
 """quantize_model: turn every nn.Linear of a decoder's blocks into a QuantLinear, the way Atom does.
 
 Steps (each only when the config asks for it):
+  0. rotate (quarot, atom+rotation): atom_lab.rotate_model folds the norms and rotates the residual stream and
+     the down_proj inputs of the float model (its float outputs do not change);
   1. calibrate: atom_lab.collect_stats on the float model (per-channel statistics of every linear's input);
   2. smooth (w8a8): SmoothQuant scales folded into the norms and the v/up projections (atom_lab.smooth);
   3. reorder: one index per ACTIVATION, not per layer: q/k/v read the same normed hidden state and gate/up read
@@ -25,6 +27,7 @@ from atom_lab.backend import set_backend
 from atom_lab.config import AtomConfig
 from atom_lab.qlinear import TRITON_CONFIGS, QuantLinear, check_backend
 from atom_lab.reorder import reorder_index
+from atom_lab.rotation import add_online_rotation, online_rotation, rotate_model
 from atom_lab.smooth import smooth_model
 from atom_lab.stats import calibration_windows, collect_stats, decoder_layers, decoder_layers_name
 
@@ -146,6 +149,12 @@ def quantize_model(model, config: AtomConfig | str, calibration: Sequence[str] |
     if not config.quantizes:
         model.atom_config = config
         return model
+    if config.rotation is not None and getattr(model, "atom_rotation", None) is None:
+        # QuaRot: rotate the float model first, so calibration, reordering and GPTQ all see rotated activations
+        if stats is not None:
+            raise ValueError("stats were collected on the unrotated model but config.rotation is set; pass "
+                             "stats=None (or rotate the model with atom_lab.rotate_model before collect_stats).")
+        rotate_model(model, config.rotation, config.rotation_seed, config.rotate_down)
     search = "search" in (config.w_clip, config.a_clip)
     need_stats = config.reorders or config.smooth_alpha is not None or (search and not config.gptq)
     if (need_stats and stats is None) or config.gptq:
@@ -174,6 +183,9 @@ def quantize_model(model, config: AtomConfig | str, calibration: Sequence[str] |
             out_bits=[config.kv_bits if n in KV_LINEARS else 16 for n in names], out_group=kv_group,
             reorder=reorder, **extra)
         for n, q in zip(names, parts):
+            rot = online_rotation(block.get_submodule(n))
+            if rot is not None:  # the weight already absorbed it (rotate_model); the input is rotated at run time
+                add_online_rotation(q, rot)
             _set(block, n, q)
 
     def index_for(i, names):

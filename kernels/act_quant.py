@@ -100,6 +100,21 @@ def silu_mul_quantize_ref(gate, up, index, group_size: int, keeper: int, clip: f
     return _quantize_ref(silu_mul_ref(g2, u2)[:, index.long()], "SiLU(gate) * up", group_size, keeper, clip)
 
 
+def silu_mul_rotate_quantize_ref(gate, up, rotation, index, group_size: int, keeper: int,
+                                 clip: float = 1.0) -> PackedAtom:
+    """Reference for silu_mul_rotate_quantize: ((SiLU(gate) * up) @ rotation)[:, index] quantized.
+
+    gate, up: float [..., K] of one shape; rotation: float [K, K] (an orthogonal matrix, e.g. a randomised
+    Hadamard, atom_lab.rotation); index: int [K] -> PackedAtom. The product with the rotation is computed in
+    float64 from the float32 SiLU * up values and rounded once to float32.
+    """
+    g2, u2 = _gate_up(gate, up, check_finite=True)
+    _check_rotation(rotation, g2.shape[1], g2.device)
+    _check_index(index, g2.shape[1], g2.device)
+    y = (silu_mul_ref(g2, u2).double() @ rotation.double()).float()
+    return _quantize_ref(y[:, index.long()], "(SiLU(gate) * up) @ rotation", group_size, keeper, clip)
+
+
 def _quantize_ref(y: torch.Tensor, what: str, group_size: int, keeper: int, clip: float) -> PackedAtom:
     _check_clip(clip)
     if not torch.isfinite(y).all():
@@ -243,6 +258,111 @@ def _launch(mode, x2, u2, weight, index, eps, clip, group_size, keeper) -> Packe
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# SiLU(gate) * up, then an online rotation (QuaRot's Hadamard of the down_proj input), then reorder + quantize.
+# A program owns BLOCK_M rows and ONE chunk of CHUNK reordered output positions (or the keeper part): it computes
+# those outputs as a small GEMM over K, (silu * up)[rows, k-tile] @ R[k-tile, index[chunk]], gathering R's columns
+# by the index in its loads (the reorder costs nothing more), then quantizes whole groups as above. SiLU * up is
+# recomputed for every chunk: it is cheap next to the dot. The rotation is dense (K^2 per row), so any orthogonal
+# matrix works; a fast Walsh-Hadamard transform (K log K) would be cheaper for large K (not done here).
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _rotated_chunk(g_ptr, u_ptr, r_ptr, rows, row_ok, cols, col_ok, K, stride_g, stride_u,
+                   BLOCK_K: tl.constexpr, N: tl.constexpr, LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
+    """float32 [BLOCK_M, N]: (SiLU(gate) * up)[rows] @ R[:, cols] (R row-major [K, K])."""
+    acc = tl.zeros([rows.shape[0], N], tl.float32)
+    kk0 = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + kk0
+        k_ok = kk < K
+        v = _reordered_values(g_ptr, u_ptr, g_ptr, rows, kk, row_ok[:, None] & k_ok[None, :], stride_g, stride_u,
+                              tl.zeros([rows.shape[0]], tl.float32), 2, LIBDEVICE)
+        r = tl.load(r_ptr + kk[:, None].to(tl.int64) * K + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(v, r, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _silu_mul_rotate_quantize_kernel(
+        g_ptr, u_ptr, r_ptr, idx_ptr, q4_ptr, s4_ptr, q8_ptr, s8_ptr,
+        M, K, NORMAL, KEEPER, stride_g, stride_u, clip,
+        G: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+        KEEP_P2: tl.constexpr, LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows = rows.to(tl.int64)
+    c0 = tl.program_id(1) * CHUNK
+    if c0 < NORMAL:  # an INT4 chunk (CHUNK a multiple of G and 64: whole groups and 64-blocks, as above)
+        pos = tl.arange(0, CHUNK)
+        grp = tl.arange(0, CHUNK // G)
+        byte = tl.arange(0, CHUNK // 2)
+        ok = c0 + pos < NORMAL
+        src = tl.load(idx_ptr + c0 + pos, mask=ok, other=0)
+        v = _rotated_chunk(g_ptr, u_ptr, r_ptr, rows, row_ok, src, ok, K, stride_g, stride_u, BLOCK_K, CHUNK,
+                           LIBDEVICE, PRECISION)
+        v = tl.reshape(v, [BLOCK_M, CHUNK // G, G])
+        s4 = _scale_fp16(tl.max(tl.abs(v), axis=2), clip, 7)
+        tl.store(s4_ptr + rows[:, None] * (NORMAL // G) + (c0 // G + grp)[None, :], s4,
+                 mask=row_ok[:, None] & (c0 // G + grp < NORMAL // G)[None, :])
+        q = _quantize(v, s4[:, :, None], 7)
+        q = tl.reshape(q, [BLOCK_M, CHUNK // 64, 2, 32]).to(tl.int32) & 0xF
+        shift = (tl.arange(0, 2) * 4)[None, None, :, None]
+        packed = tl.reshape(tl.sum(q << shift, axis=2), [BLOCK_M, CHUNK // 2]).to(tl.uint8)
+        tl.store(q4_ptr + rows[:, None] * (NORMAL // 2) + (c0 // 2 + byte)[None, :], packed,
+                 mask=row_ok[:, None] & (c0 // 2 + byte < NORMAL // 2)[None, :])
+    else:  # the last program along axis 1: the INT8 keeper part
+        if KEEP_P2 > 0:
+            kk = tl.arange(0, KEEP_P2)
+            k_ok = kk < KEEPER
+            ksrc = tl.load(idx_ptr + NORMAL + kk, mask=k_ok, other=0)
+            kv = _rotated_chunk(g_ptr, u_ptr, r_ptr, rows, row_ok, ksrc, k_ok, K, stride_g, stride_u, BLOCK_K,
+                                KEEP_P2, LIBDEVICE, PRECISION)
+            km = row_ok[:, None] & k_ok[None, :]
+            kv = tl.where(km, kv, 0.0)
+            s8 = _scale_fp16(tl.max(tl.abs(kv), axis=1), 1.0, 127)
+            tl.store(s8_ptr + rows, s8, mask=row_ok)
+            tl.store(q8_ptr + rows[:, None] * KEEPER + kk[None, :], _quantize(kv, s8[:, None], 127), mask=km)
+
+
+# GPU configs: (rows, output positions, K-step, warps) of each program's small GEMM; tl.dot needs 16 | BLOCK_M.
+ROTATE_GPU_CONFIGS = [(16, 128, 64, 4), (32, 128, 64, 4), (64, 128, 64, 4), (64, 256, 64, 8), (128, 128, 64, 8),
+                      (128, 256, 32, 8)]
+# tf32x3 (three tf32 tensor-core products) keeps float32 accuracy; plain "tf32" would round the inputs to 10 bits
+ROTATE_PRECISION = "tf32x3"
+_silu_mul_rotate_quantize_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "CHUNK": ch, "BLOCK_K": bk}, num_warps=w)
+             for bm, ch, bk, w in ROTATE_GPU_CONFIGS],
+    key=["M", "K", "NORMAL", "KEEPER"],
+)(_silu_mul_rotate_quantize_kernel)
+
+
+def _launch_rotate(g2, u2, rotation, index, clip, group_size, keeper) -> PackedAtom:
+    M, K = g2.shape
+    normal = K - keeper
+    dev = g2.device
+    q4 = torch.empty(M, normal // 2, dtype=torch.uint8, device=dev)
+    s4 = torch.empty(M, normal // group_size, dtype=torch.float16, device=dev)
+    q8 = torch.empty(M, keeper, dtype=torch.int8, device=dev)
+    s8 = (torch.empty if keeper else torch.ones)(M, 1, dtype=torch.float16, device=dev)
+    args = (g2, u2, rotation, index, q4, s4, q8, s8, M, K, normal, keeper, g2.stride(0), u2.stride(0), float(clip))
+    meta = dict(G=group_size, KEEP_P2=triton.next_power_of_2(keeper) if keeper else 0, LIBDEVICE=not interpreting())
+
+    def grid(cfg):
+        return (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(normal, cfg["CHUNK"]) + (1 if keeper else 0))
+
+    if interpreting():  # few, large programs (cost per program per step); ieee: the interpreter's dot is numpy's
+        cfg = dict(BLOCK_M=max(16, min(triton.next_power_of_2(M), 64)),
+                   CHUNK=max(128, min(2048, triton.next_power_of_2(normal))), BLOCK_K=256)
+        _silu_mul_rotate_quantize_kernel[grid(cfg)](*args, **cfg, PRECISION="ieee", **meta)
+    elif AUTOTUNE:
+        _silu_mul_rotate_quantize_tuned[grid](*args, PRECISION=ROTATE_PRECISION, **meta)
+    else:
+        cfg = dict(BLOCK_M=32, CHUNK=128, BLOCK_K=64)
+        _silu_mul_rotate_quantize_kernel[grid(cfg)](*args, **cfg, PRECISION=ROTATE_PRECISION, num_warps=4, **meta)
+    return PackedAtom(q4, s4, q8, s8, group_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Version 1, naive (for teaching, llm.c style): one program per (row, group) gathers its channels straight from
 # global memory and writes unpacked int8; pack_int4 then packs in a second kernel. No norm/SiLU fusion.
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,6 +462,26 @@ def silu_mul_quantize(gate, up, index, group_size: int, keeper: int, clip: float
                    "SiLU(gate) * up")
 
 
+def silu_mul_rotate_quantize(gate, up, rotation, index, group_size: int, keeper: int, clip: float = 1.0,
+                             check_finite: bool | None = None) -> PackedAtom:
+    """Fused SiLU(gate) * up + online rotation + reorder + quantize: the input of a rotated down_proj (QuaRot).
+
+    Args:
+        gate, up: float32/float16/bfloat16 [..., K], same shape (row-strided views are read in place).
+        rotation: float32 [K, K] contiguous, the orthogonal matrix R (y = (SiLU(gate) * up) @ R); down_proj's
+            weight holds W @ R already (atom_lab.rotation.rotate_model).
+        index, group_size, keeper, clip, check_finite: as in reorder_quantize (the index orders the ROTATED
+            channels).
+    Returns:
+        PackedAtom of M = gate.numel() // K rows (shapes as in reorder_quantize).
+    """
+    g2, u2 = _gate_up(gate, up, check_finite)
+    _check_all(g2, index, group_size, keeper, clip)
+    _check_rotation(rotation, g2.shape[1], g2.device)
+    return _finish(_launch_rotate(g2, u2, rotation, index, clip, group_size, keeper), g2, check_finite,
+                   "(SiLU(gate) * up) @ rotation")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Input checks
 # ---------------------------------------------------------------------------------------------------------------
@@ -387,6 +527,17 @@ def _check_weight(weight, K: int, device, check_finite: bool) -> None:
         raise ValueError(f"weight is on {weight.device} but x is on {device}; move it with weight.to(x.device).")
     if check_finite and not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or inf.")
+
+
+def _check_rotation(rotation, K: int, device) -> None:
+    check_tensor(rotation, "rotation", (torch.float32,), dim=2)
+    if tuple(rotation.shape) != (K, K):
+        raise ValueError(f"rotation must be [K, K] = [{K}, {K}] for K={K} channels, got {tuple(rotation.shape)}.")
+    if rotation.device != device:
+        raise ValueError(f"rotation is on {rotation.device} but gate is on {device}; move it once with "
+                         "rotation.to(gate.device).")
+    if not rotation.is_contiguous():
+        raise ValueError("rotation must be contiguous; pass rotation.contiguous() (once, not per call).")
 
 
 # Validating a permutation needs the values on the host (a GPU sync). An index is a fixed per-layer tensor, so
