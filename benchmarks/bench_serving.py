@@ -77,6 +77,8 @@ def run_point(model, kv_bits, batch, prompt, out, page_size, num_pages=None, bud
         eng.add_request(p, params)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
+    if torch.cuda.is_available():  # the budget check's peak must be this point's, not the process's
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     while not eng.scheduler.is_finished:
         t = time.perf_counter()
@@ -169,7 +171,47 @@ def main(argv=None):
             res["points"].append(row)
             save()
     save()
+    if args.json:
+        plot(args.json, args.json.rsplit(".", 1)[0] + ".png")
     return res
+
+
+def plot(path: str, png: str) -> None:
+    """Three panels from a results JSON: tokens/s vs batch, decode step latency vs batch (100 ms line), and the
+    fixed-budget points; measured solid, simulated dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.load(open(path))
+    pts = [p for p in res["points"] if "measured" in p]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name in dict.fromkeys(p["format"] for p in pts):
+        sweep = [p for p in pts if p["format"] == name and p["budget_bytes"] is None]
+        b = [p["batch"] for p in sweep]
+        line, = ax[0].plot(b, [p["measured"]["tokens_per_s"] for p in sweep], "o-", label=f"{name} measured")
+        ax[0].plot(b, [p["simulated"]["tokens_per_s"] for p in sweep], "x--", color=line.get_color(),
+                   label=f"{name} simulated")
+        ax[1].plot(b, [p["measured"]["decode_latency_ms"] for p in sweep], "o-", color=line.get_color())
+        ax[1].plot(b, [p["simulated"]["decode_latency_ms"] for p in sweep], "x--", color=line.get_color())
+    ax[1].axhline(100, color="k", lw=0.8, ls=":", label="100 ms tolerable latency")
+    fixed = [p for p in pts if p["budget_bytes"] is not None]
+    labels = [f"{p['format']}\nB={p['batch']}\n{p['budget_bytes'] / 1e9:.0f} GB" for p in fixed]
+    x = range(len(fixed))
+    ax[2].bar([i - 0.2 for i in x], [p["measured"]["tokens_per_s"] for p in fixed], 0.4, label="measured")
+    ax[2].bar([i + 0.2 for i in x], [p["simulated"]["tokens_per_s"] for p in fixed], 0.4, label="simulated")
+    ax[2].set_xticks(list(x), labels, fontsize=7)
+    for a, t, y in zip(ax, ["(a) throughput", "(b) per-token decode latency", "(c) fixed memory budget"],
+                       ["tokens/s", "ms per decode step", "tokens/s"]):
+        a.set_title(t)
+        a.set_ylabel(y)
+        a.legend(fontsize=7)
+    ax[0].set_xlabel("batch")
+    ax[1].set_xlabel("batch")
+    fig.suptitle(f"{res['model']}, {res['workload']}, {res['environment']['device']} (eager engine, no CUDA graphs)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":
