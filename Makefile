@@ -18,7 +18,7 @@ LAB_PORT ?= 8888
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 NBVAL_ARGS ?= --nbval-lax --nbval-cell-timeout=600
 
-.PHONY: lab test install-lab install-dev unit nbval bench clean
+.PHONY: lab test install-lab install-dev unit nbval bench clean test-cpu-variants
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,19 @@ lab: $(VENV)/.lab
 
 test: $(VENV)/.dev
 	$(PY) -m pytest tests
+	$(MAKE) --no-print-directory test-cpu-variants
 	$(PY) -m pytest $(NBVAL_ARGS) --durations=0 notebooks
+
+# The checks that compare two float paths through a quantizer, again under other CPU kernel choices (other float
+# reduction orders): they must pass on every machine. smollm2 (~2 min) runs once, under the kernel choice farthest
+# from the native one (both ATen and MKL forced down); the tiny models cover every variant.
+CPU_VARIANTS := ATEN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+                MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1 OMP_NUM_THREADS=2
+CPU_VARIANT_TESTS ?= tests/test_act_quant.py tests/test_triton_backend.py -k "kernel_equals_reference or \
+                     layer_is or identity or fused_norm or (tiny_models_agree and llama)"
+test-cpu-variants: $(VENV)/.dev
+	@set -e; for v in $(CPU_VARIANTS); do echo "== $$v"; env $$v $(PY) -m pytest -q $(CPU_VARIANT_TESTS); done
+	env ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 $(PY) -m pytest -q tests/test_triton_backend.py -k smollm2
 
 unit: $(VENV)/.dev
 	$(PY) -m pytest tests
