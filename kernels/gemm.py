@@ -136,30 +136,34 @@ def _check_inputs(a, w, out_dtype, residual, check_finite):
 # keeps the number of compiled variants small (the GPU test run).
 AUTOTUNE = os.environ.get("ATOM_LAB_AUTOTUNE", "1") != "0"
 
-# Thresholds in tokens, from the sweeps (benchmarks/NOTES.md): below FP8_MIN_M the fused kernel beats our Triton FP8
-# path (which must first write an FP8 copy of the weights); from BLOCKWISE_MIN_M on the library's blockwise FP8
-# GEMM (weights unpacked per call) beats both on the H200.
+# Thresholds in tokens, from the H200 runs (benchmarks/NOTES.md): below FP8_MIN_M the fused kernel beats our Triton
+# FP8 path (which must first write an FP8 copy of the weights: 0.47 vs 0.48x bf16 at M = 256, 0.37 vs 0.58-0.87x at
+# 1024); the library's blockwise GEMM (its operands prepared per call) only pays for its preparation at large M.
 FP8_MIN_M = 512
-BLOCKWISE_MIN_M = 512
+BLOCKWISE_MIN_M = 2048
+STORED_MIN_M = 64  # with FP8 weights stored: the library GEMM alone ran 1.3-1.6x bf16 at M = 64, the fused 0.6-0.9x
 METHODS = ("fused", "fp8", "blockwise")
 
 
 def select_method(M: int, capability: tuple[int, int] | None, torch_ver: tuple[int, int],
-                  group_size: int = 128) -> str:
+                  group_size: int = 128, fp8_weights: bool = False) -> str:
     """The method for M tokens on a GPU of compute `capability` (None: the CPU interpreter) under torch `torch_ver`.
 
     None         -> "fused" (the interpreter runs every method; this one is the cheapest there)
     (7, 5) T4    -> "fused" (Triton has no bf16 / FP8 dots there: the int8 tensor-core path only)
     (8, x < 9)   -> "fused" (A100 / A10: no FP8 tensor cores)
     (8, 9) Ada   -> "fused" below FP8_MIN_M, "fp8" from there on
-    (9, 0) Hopper, torch >= 2.9, G = 128 -> "fused" below BLOCKWISE_MIN_M, "blockwise" (cuBLASLt) from there on;
-                 without the library path as Ada.
+    (9, 0) Hopper, torch >= 2.9, G = 128 -> as Ada below BLOCKWISE_MIN_M, "blockwise" (cuBLASLt) from there on
+                 (w4a4_gemm keeps "fp8" where N % 16 != 0, which the library refuses); older torch: as Ada.
+    fp8_weights=True (the caller keeps the weights as the library's FP8 operand, w4a4_gemm(w_fp8=...)): on (9, 0)
+                 "blockwise" from STORED_MIN_M on, since no weight unpack is paid per call.
     A pure function (no device query), so that every branch is unit-tested on a CPU.
     """
     if capability is None or tuple(capability) < (8, 9):
         return "fused"
     if group_size == gemm_blockwise.BLOCK and gemm_blockwise.blockwise_supported(tuple(capability), torch_ver):
-        return "blockwise" if M >= BLOCKWISE_MIN_M else "fused"
+        if M >= (STORED_MIN_M if fp8_weights else BLOCKWISE_MIN_M):
+            return "blockwise"
     return "fp8" if M >= FP8_MIN_M else "fused"
 
 
@@ -176,9 +180,9 @@ def has_fp8_tensor_cores(device) -> bool:
     return cap is not None and cap >= (8, 9)
 
 
-def choose_method(M: int, device, group_size: int = 128) -> str:
+def choose_method(M: int, device, group_size: int = 128, fp8_weights: bool = False) -> str:
     """select_method for this device and the running torch."""
-    return select_method(M, device_capability(device), gemm_blockwise.torch_version(), group_size)
+    return select_method(M, device_capability(device), gemm_blockwise.torch_version(), group_size, fp8_weights)
 
 
 def _interp_tiles(M: int, N: int):
@@ -207,7 +211,7 @@ def last_config(M: int, method: str) -> str:
 
 def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float16,
               residual: torch.Tensor | None = None, *, method: str | None = None,
-              check_finite: bool | None = None) -> torch.Tensor:
+              check_finite: bool | None = None, w_fp8: tuple | None = None) -> torch.Tensor:
     """W4A4 group GEMM with the INT8 keeper part (formula in the module docstring).
 
     Args:
@@ -220,6 +224,9 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
             interpreter) or "blockwise" (the library's FP8 GEMM: SM90 + torch >= 2.9, or its PyTorch twin under the
             interpreter; group size 128 only).
         check_finite: reject NaN/inf scales (one device sync); default on for CPU tensors only.
+        w_fp8: optional gemm_blockwise.prepare_fp8(w, "w"), kept by the caller: the "blockwise" method then skips
+            the per-call weight unpack, at the cost of ~1.06 bytes per weight more memory (FP8 codes + fp32 scales,
+            2.0-2.1x the packed weights).
     Returns:
         [M, N] tensor of out_dtype.
 
@@ -230,7 +237,12 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
         check_finite = isinstance(a, PackedAtom) and a.q4.device.type == "cpu"
     _check_inputs(a, w, out_dtype, residual, check_finite)
     M, N, device = a.rows, w.rows, a.q4.device
-    method = method or choose_method(M, device, a.group_size)
+    if w_fp8 is not None and (len(w_fp8) != 2 or w_fp8[0].shape[0] != N or w_fp8[1].shape[1] != N):
+        raise ValueError("w_fp8 must be gemm_blockwise.prepare_fp8(w, 'w') of these weights (N rows).")
+    if method is None:
+        method = choose_method(M, device, a.group_size, fp8_weights=w_fp8 is not None)
+        if method == "blockwise" and N % gemm_blockwise.N_ALIGN:  # the library needs N % 16 == 0
+            method = "fp8"
     if method not in METHODS:
         raise ValueError(f"method must be None or one of {METHODS}, got {method!r}.")
     if method == "fp8" and not (interpreting() or has_fp8_tensor_cores(device)):
@@ -244,7 +256,10 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
         if not interpreting() and not gemm_blockwise.blockwise_supported(cap, gemm_blockwise.torch_version()):
             raise ValueError(f"method='blockwise' needs an SM90 GPU and torch >= 2.9 (got capability {cap}, torch "
                              f"{torch.__version__}); use method='fp8' or 'fused'.")
-        return gemm_blockwise.w4a4_gemm_blockwise(a, w, out_dtype, residual)
+        if not interpreting() and N % gemm_blockwise.N_ALIGN:
+            raise ValueError(f"method='blockwise' needs N (w.rows = {N}) divisible by {gemm_blockwise.N_ALIGN} "
+                             f"(cuBLASLt FP8 layout); use method='fp8' or 'fused', or method=None.")
+        return gemm_blockwise.w4a4_gemm_blockwise(a, w, out_dtype, residual, w_fp8)
     # The interpreter has no bf16 arithmetic: compute in fp32 there and cast with PyTorch.
     kernel_dtype = torch.float32 if interpreting() and out_dtype == torch.bfloat16 else out_dtype
     res = residual

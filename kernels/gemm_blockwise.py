@@ -23,12 +23,15 @@ the CPU tests run this method through it; tests on an H200 pin the library again
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from ._common import interpreting
 from .formats import PackedAtom
 from .gemm_fp8 import unpack_fp8
 
 BLOCK = 128  # the library's block of K (and the only group size this method takes)
+N_ALIGN = 16  # cuBLASLt's FP8 layout: "mat2 shape (K x N) must be divisible by 16" (H200 run)
 
 
 def torch_version() -> tuple[int, int]:
@@ -41,24 +44,52 @@ def blockwise_supported(capability, torch_ver) -> bool:
     return capability == (9, 0) and tuple(torch_ver) >= (2, 9)
 
 
+@triton.jit
+def _keeper_digits_kernel(q8, s8, out, sT, R, KP, s_q8, s_s8, so, col0, grp0,
+                          SIDE_A: tl.constexpr, NKB: tl.constexpr, BR: tl.constexpr):
+    # One launch writes the four digit blocks of BR rows (module docstring) and their 4 * NKB scale rows.
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = rows < R
+    rk = tl.arange(0, 128)
+    W: tl.constexpr = NKB * 128
+    s = tl.load(s8 + rows * s_s8, mask=rmask, other=0).to(tl.float32)
+    for b in tl.static_range(NKB):
+        k = b * 128 + rk
+        kin = rmask[:, None] & (k < KP)[None, :]
+        q = tl.load(q8 + rows[:, None] * s_q8 + k[None, :], mask=kin, other=0).to(tl.int32)
+        hi = (q + 8) >> 4                       # floor((q + 8) / 16) in [-8, 8]
+        lo = q - 16 * hi                        # in [-8, 7]; padding columns hold 0
+        hi8 = hi.to(tl.float16).to(tl.float8e4nv)
+        lo8 = lo.to(tl.float16).to(tl.float8e4nv)
+        dst = out + rows[:, None] * so + (col0 + k)[None, :]
+        ok = rmask[:, None] & (k < W)[None, :]
+        tl.store(dst, hi8, mask=ok)            # a: [h | h | l | l]   w: [h | l | h | l]
+        tl.store(dst + 3 * W, lo8, mask=ok)
+        if SIDE_A:
+            tl.store(dst + W, hi8, mask=ok)
+            tl.store(dst + 2 * W, lo8, mask=ok)
+        else:
+            tl.store(dst + W, lo8, mask=ok)
+            tl.store(dst + 2 * W, hi8, mask=ok)
+    for b in tl.static_range(NKB):  # scales: a [16 s, 16 s, s, s], w [16 s, s, 16 s, s]
+        tl.store(sT + (grp0 + b) * R + rows, s * 16.0, mask=rmask)
+        tl.store(sT + (grp0 + 3 * NKB + b) * R + rows, s, mask=rmask)
+        if SIDE_A:
+            tl.store(sT + (grp0 + NKB + b) * R + rows, s * 16.0, mask=rmask)
+            tl.store(sT + (grp0 + 2 * NKB + b) * R + rows, s, mask=rmask)
+        else:
+            tl.store(sT + (grp0 + NKB + b) * R + rows, s, mask=rmask)
+            tl.store(sT + (grp0 + 2 * NKB + b) * R + rows, s * 16.0, mask=rmask)
+
+
 def _keeper_blocks(q8: torch.Tensor, s8: torch.Tensor, side: str, out: torch.Tensor, sT: torch.Tensor,
                    col0: int, grp0: int) -> None:
     """Write the keeper channels' four digit blocks (module docstring) into out[:, col0:] and sT[grp0:]."""
     R, kp = q8.shape
-    nkb = -(-kp // BLOCK)
-    q = q8.to(torch.int16) + 8
-    hi = q >> 4                      # floor((q + 8) / 16) in [-8, 8]
-    lo = q8.to(torch.int16) - 16 * hi  # in [-8, 7]
-    width = nkb * BLOCK
-    digits = (hi, hi, lo, lo) if side == "a" else (hi, lo, hi, lo)
-    mult = (16.0, 16.0, 1.0, 1.0) if side == "a" else (16.0, 1.0, 16.0, 1.0)
-    s = s8.float().reshape(1, R)
-    for i, (d, m) in enumerate(zip(digits, mult)):
-        c = col0 + i * width
-        if width > kp:  # pad the last block with zeros
-            out[:, c + kp:c + width] = 0
-        out[:, c:c + kp] = d.to(torch.float16).to(torch.float8_e4m3fn)
-        sT[grp0 + i * nkb:grp0 + (i + 1) * nkb] = s * m
+    BR = min(256, triton.next_power_of_2(R)) if interpreting() else 32
+    _keeper_digits_kernel[(triton.cdiv(R, BR),)](
+        q8, s8, out, sT, R, kp, max(q8.stride(0), 1), s8.stride(0), out.stride(0), col0, grp0,
+        SIDE_A=side == "a", NKB=-(-kp // BLOCK), BR=BR, num_warps=4)
 
 
 def prepare_fp8(p: PackedAtom, side: str):
@@ -137,6 +168,8 @@ def blockwise_gemm(a_prep, w_prep, out_dtype: torch.dtype, residual: torch.Tenso
     return y.to(out_dtype)
 
 
-def w4a4_gemm_blockwise(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype, residual=None) -> torch.Tensor:
-    """The whole layer per call: both operands prepared (the weights' unpack included), then the library GEMM."""
-    return blockwise_gemm(prepare_fp8(a, "a"), prepare_fp8(w, "w"), out_dtype, residual)
+def w4a4_gemm_blockwise(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype, residual=None,
+                        w_fp8=None) -> torch.Tensor:
+    """The whole layer per call: the operands prepared (the weights' too unless w_fp8 = prepare_fp8(w, "w") is
+    given), then the library GEMM."""
+    return blockwise_gemm(prepare_fp8(a, "a"), prepare_fp8(w, "w") if w_fp8 is None else w_fp8, out_dtype, residual)

@@ -96,6 +96,8 @@ for _i in range(18):
 def test_matches_reference_random(case, method):
     if method == "blockwise" and case["group"] != 128:
         pytest.skip("the library's blocks are 128 wide")
+    if method == "blockwise" and GPU and case["N"] % gemm_blockwise.N_ALIGN:
+        pytest.skip("cuBLASLt needs N % 16 == 0 (w4a4_gemm's dispatch keeps 'fp8' there)")
     a, w = packed_pair(case["M"], case["N"], case["K4"], case["group"], case["keeper"], case["seed"])
     out = w4a4_gemm(a, w, torch.float32, method=method)
     assert out.shape == (case["M"], case["N"]) and out.dtype == torch.float32
@@ -135,12 +137,28 @@ def test_select_method_per_gpu():
     assert G.select_method(G.FP8_MIN_M - 1, (8, 9), new) == "fused"
     assert G.select_method(G.FP8_MIN_M, (8, 9), new) == "fp8"      # Ada: our FP8 kernel, no blockwise library
     assert G.select_method(1, (9, 0), new) == "fused"
+    assert G.select_method(G.FP8_MIN_M, (9, 0), new) == "fp8"
+    assert G.select_method(G.BLOCKWISE_MIN_M - 1, (9, 0), new) == "fp8"
     assert G.select_method(G.BLOCKWISE_MIN_M, (9, 0), new) == "blockwise"
     assert G.select_method(8192, (9, 0), new) == "blockwise"
     assert G.select_method(8192, (9, 0), old) == "fp8"              # torch < 2.9: no blockwise scaled_mm
     assert G.select_method(8192, (9, 0), new, group_size=64) == "fp8"  # library blocks are 128 wide
     assert G.select_method(8192, (10, 0), new) == "fp8"             # Blackwell: the SM90 recipe does not apply
+    assert G.select_method(64, (9, 0), new, fp8_weights=True) == "blockwise"  # weights kept as FP8
+    assert G.select_method(G.STORED_MIN_M - 1, (9, 0), new, fp8_weights=True) == "fused"
+    assert G.select_method(64, (8, 9), new, fp8_weights=True) == "fused"
     assert G.choose_method(8192, torch.device("cpu")) == "fused"
+
+
+def test_blockwise_with_stored_fp8_weights():
+    """w_fp8 = prepare_fp8(w, "w") kept by the caller gives the same result as preparing per call."""
+    a, w = packed_pair(9, 48, 512, 128, 100, seed=11)
+    pw = gemm_blockwise.prepare_fp8(w, "w")
+    y = w4a4_gemm(a, w, torch.float32, method="blockwise", w_fp8=pw)
+    assert torch.equal(y, w4a4_gemm(a, w, torch.float32, method="blockwise"))
+    assert_matches(y, a, w, method="blockwise")
+    with pytest.raises(ValueError, match="w_fp8"):
+        w4a4_gemm(a, w, w_fp8=(pw[0][:5], pw[1]))
 
 
 def test_keeper_digits_are_exact():
@@ -220,17 +238,18 @@ def test_gpu_autotuned_dispatch(M):
 @pytest.mark.parametrize("M", [1, 3, 64, 700])
 def test_gpu_library_equals_twin(M):
     """The cuBLASLt blockwise GEMM against its PyTorch twin on the same prepared operands, and the whole method
-    against the reference, on a Llama-like ragged shape (N not a multiple of 128)."""
-    a, w = packed_pair(M, 1000, 3968, 128, 128, seed=M)
+    against the reference, on a Llama-like ragged shape (N = 1008: a multiple of 16, not of 128)."""
+    a, w = packed_pair(M, 1008, 3968, 128, 128, seed=M)
     pa, pw = gemm_blockwise.prepare_fp8(a, "a"), gemm_blockwise.prepare_fp8(w, "w")
     lib = gemm_blockwise.blockwise_gemm(pa, pw, torch.float32)
     twin = gemm_blockwise.scaled_mm_emulated(*pa, *pw)
     assert_matches(lib, a, w, method="blockwise")
     assert_matches(twin, a, w, method="blockwise")
     for dt in (torch.bfloat16, torch.float16):
-        res = torch.randn(M, 1000, device=DEV, dtype=dt)
+        res = torch.randn(M, 1008, device=DEV, dtype=dt)
         assert_matches(w4a4_gemm(a, w, dt, method="blockwise"), a, w, method="blockwise")
         assert_matches(w4a4_gemm(a, w, dt, residual=res, method="blockwise"), a, w, res, method="blockwise")
+        assert_matches(w4a4_gemm(a, w, dt, residual=res, w_fp8=pw), a, w, res, method="blockwise")
 
 
 def test_rejects_bad_input():
