@@ -141,7 +141,7 @@ def _check_within_rounding(p, gate, up, rotation, index, G, keeper, clip):
     amax, aerr = y4.abs().amax(-1), e4.amax(-1)
     s4 = p.s4.cpu().double()
     assert scale_ok(p.s4.cpu(), (amax - aerr).clamp(min=0), amax + aerr, 7, clip)
-    q4 = unpack_int4(p.q4.cpu()).double().reshape(y4.shape)
+    q4 = unpack_int4(p.q4).cpu().double().reshape(y4.shape)  # unpack where q4 lives (a kernel)
     flips += codes_ok(q4, y4, e4, s4[:, :, None], 7)
     if keeper:
         yk, ek = y[:, normal:], err[:, normal:]
