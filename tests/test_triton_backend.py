@@ -64,8 +64,8 @@ def test_layer_is_the_kernels():
     assert y.shape == (3, 7, 96) and y.dtype == x.dtype
     a = reorder_quantize_ref(x, ref_layer.reorder, 64, 128, ref_layer.a_clip)
     expected = w4a4_gemm_ref(a, ref_layer.packed, torch.float32) + lin.bias.detach()
-    bound = w4a4_gemm_ref(a, ref_layer.packed, torch.float32, absolute=True) + lin.bias.detach().abs()
-    tol = 1e-5 * bound.reshape(3, 7, 96)
+    abs_sum = w4a4_gemm_ref(a, ref_layer.packed, torch.float32, absolute=True)
+    tol = gemm_tolerance(abs_sum, 256, lin.bias.detach()).reshape(3, 7, 96)
     assert ((y - expected.reshape(3, 7, 96)).abs() <= tol).all()
     assert ((ref_layer(x) - y).abs() <= tol).all()
 
@@ -92,7 +92,12 @@ def test_kv_outputs_are_fake_quantized_on_both_backends():
     y_tri = q.set_backend("triton")(x)
     # both are on the INT4 KV grid of their own values: re-quantizing changes nothing
     assert torch.equal(atom_lab.fake_quantize_asymmetric(y_tri, 4, 64), y_tri)
-    assert (y_ref - y_tri).abs().max() <= 0.1 * y_ref.abs().max()
+    # the pre-KV outputs differ by GEMM rounding only, so a KV code (or zero point) differs by one step at most
+    a = reorder_quantize_ref(x, q.reorder, 64, 128, q.a_clip)
+    tol = gemm_tolerance(w4a4_gemm_ref(a, q.packed, torch.float32, absolute=True), 256, q.bias).reshape(-1, 64)
+    g = y_ref.reshape(-1, 64)
+    step = ((g.amax(-1) - g.amin(-1)) / 15)[:, None]
+    assert ((y_ref - y_tri).reshape(-1, 64).abs() <= 1.01 * step + 2 * tol).all()
 
 
 @pytest.mark.parametrize("preset", ["fp16", "w8a8", "w4a16", "w4a4-rtn"])
