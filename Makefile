@@ -18,7 +18,7 @@ LAB_PORT ?= 8888
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 NBVAL_ARGS ?= --nbval-lax --nbval-cell-timeout=600
 
-.PHONY: lab test install-lab install-dev unit nbval bench clean test-cpu-variants
+.PHONY: lab test install-lab install-dev unit nbval bench clean student notebooks-sync test-cpu-variants
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,15 @@ unit: $(VENV)/.dev
 
 nbval: $(VENV)/.dev
 	$(PY) -m pytest $(NBVAL_ARGS) --durations=0 notebooks
+
+# The student release of every course notebook (nbgrader: solutions -> stubs) in build/student/, and the nbgrader
+# course directory for grading in build/course/ (README: "For instructors").
+student: $(VENV)/.dev
+	$(PY) -m atom_lab.classroom build --out build/student
+
+# Rewrite each notebook's Colab badge and setup cell from pyproject.toml (repository URL, version tag).
+notebooks-sync: $(VENV)/.dev
+	$(PY) -m atom_lab.classroom sync
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
