@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="batches 8/128, contexts 4096/16384 only")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention needs a CUDA GPU (timings under the interpreter mean nothing).")
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
     rows, t_start = [], time.time()
     print(f"{'config':18s} {'B':>4s} {'ctx':>6s} {'sdpa us':>8s} {'be':>6s} {'bf16 us':>8s} {'int4post':>8s} "
           f"{'int4pre':>8s} {'x post':>6s} {'x pre':>6s} {'TB/s int4':>9s}")
-    for cname, (Hq, Hkv) in CONFIGS.items():
+    for cname in args.configs.split(","):
+        Hq, Hkv = CONFIGS[cname]
         for B in batches:
             for ctx in contexts:
                 if B * ctx > MAX_TOKENS:
@@ -146,6 +148,8 @@ def main(argv=None) -> int:
                       f"{row['speedup_int4_post'] or 0:6.2f} {row['speedup_int4_pre'] or 0:6.2f} "
                       f"{row['int4_post_tbs'] or 0:9.2f}", flush=True)
                 torch.cuda.empty_cache()
+                if args.json:  # after every case, so a run cut short by a time limit still leaves its rows
+                    write_json(args.json, rows, None)
     barred = [r for r in rows if r["context"] >= 4096 and r["batch"] >= 8 and r["speedup_int4_post"]]
     summary = {"bar": BAR, "cases_in_bar_region": len(barred),
                "min_speedup_post": min((r["speedup_int4_post"] for r in barred), default=None),
@@ -155,10 +159,14 @@ def main(argv=None) -> int:
                "seconds": round(time.time() - t_start, 1)}
     print(json.dumps(summary))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device_facts(), "command": "python " + " ".join(sys.argv), "rows": rows,
-                       "summary": summary, "graph_failures": GRAPH_FAILURES}, f, indent=1)
+        write_json(args.json, rows, summary)
     return 0
+
+
+def write_json(path, rows, summary):
+    with open(path, "w") as f:
+        json.dump({"device": device_facts(), "command": "python " + " ".join(sys.argv), "rows": rows,
+                   "summary": summary, "graph_failures": GRAPH_FAILURES}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--w4a4", action="store_true", help="also the atom preset (RTN, no GPTQ: CPU time) W4A4 model")
+    ap.add_argument("--models", default="float,w4a4", help="float and/or w4a4 (atom preset layers, RTN: no GPTQ "
+                    "on the CPU, kv_bits=16 in the layers)")
+    ap.add_argument("--formats", default=None, help="comma-separated indices into FORMATS (default: all)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     model, tok = atom_lab.load_model("smollm2-135m", dtype=torch.float32)
@@ -59,10 +61,17 @@ def main(argv=None):
     windows = eval_windows(tok, corpus["test"]["text"], args.seq_len, args.windows)
     base = math.exp(window_nll(model, windows, progress=False).sum().item() / (windows.numel() - windows.shape[0]))
     print(f"float model, no KV quantization: {base:.3f}")
-    rows = rows_for(model, "float", windows, print)
-    if args.w4a4:
+    global FORMATS
+    if args.formats:
+        FORMATS = [FORMATS[int(i)] for i in args.formats.split(",")]
+    models = args.models.split(",")
+    rows = rows_for(model, "float", windows, print) if "float" in models else []
+    if "w4a4" in models:
         cfg = atom_lab.AtomConfig.preset("atom", gptq=False, kv_bits=16, name="atom (RTN), KV in the cache")
-        qmodel = atom_lab.quantize_model(model, tok, cfg, calibration=corpus["calibration"]["text"], progress=False)
+        qmodel = atom_lab.quantize_model(model, cfg, calibration=corpus["calibration"]["text"], tokenizer=tok,
+                                         progress=False, n_tokens=2048)
+        nll = window_nll(qmodel, windows, progress=False).sum().item()
+        print(f"w4a4 model, no KV quantization: {math.exp(nll / (windows.numel() - windows.shape[0])):.3f}")
         rows += rows_for(qmodel, "w4a4", windows, print)
     if args.json:
         with open(args.json, "w") as f:

@@ -129,6 +129,25 @@ def _load_half(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.conste
 
 
 @triton.jit
+def _load_codes(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, mask):
+    """Rows `slot` [N] of head h, one (scale, zero) per row -> (codes of channels [0, D/2) and [D/2, D) as float16
+    [N, D/2] each, exact integers; scale [N] and zero [N] as float32)."""
+    d = tl.arange(0, HALF)[None, :]
+    row = slot[:, None] * Hkv + h
+    m = mask[:, None]
+    if BITS == 4:
+        b = tl.load(codes_ptr + row * HALF + d, mask=m, other=0)
+        clo = (b & 0xF).to(tl.float16)
+        chi = (b >> 4).to(tl.float16)
+    else:
+        clo = tl.load(codes_ptr + row * D + d, mask=m, other=0).to(tl.float16)
+        chi = tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0).to(tl.float16)
+    s = tl.load(sz_ptr + slot * (Hkv * 2) + h * 2, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(sz_ptr + slot * (Hkv * 2) + h * 2 + 1, mask=mask, other=0.0).to(tl.float32)
+    return clo, chi, s, z
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_ptr, inv_freq_ptr, o_ptr, lse_ptr,
                          Hq, Hkv, max_pages, tokens_per_split, sm_scale, rope_scaling,
                          D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PAGE: tl.constexpr,
@@ -157,28 +176,53 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_pt
     acc_hi = tl.zeros([BLOCK_Q, HALF], tl.float32)
     if ROPE:
         inv_freq = tl.load(inv_freq_ptr + d)
-    for start in range(t0, t_end, BLOCK_N):
-        t = start + tl.arange(0, BLOCK_N)
-        tmask = t < t_end
-        page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)  # the page table, per token
-        slot = page.to(tl.int64) * PAGE + t % PAGE
-        k_lo, k_hi = _load_half(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
-        if ROPE:  # K stored before RoPE (Atom): rotate the dequantized halves at their positions
-            f = t.to(tl.float32)[:, None] * inv_freq[None, :]
-            c = tl.cos(f) * rope_scaling
-            s = tl.sin(f) * rope_scaling
-            k_lo, k_hi = k_lo * c - k_hi * s, k_hi * c + k_lo * s
-        sc = tl.dot(q_lo, tl.trans(k_lo.to(tl.float16))) + tl.dot(q_hi, tl.trans(k_hi.to(tl.float16)))
-        sc = tl.where(tmask[None, :], sc, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_lo, v_hi = _load_half(vc_ptr, vsz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
-        p16 = p.to(tl.float16)
-        acc_lo = acc_lo * alpha[:, None] + tl.dot(p16, v_lo.to(tl.float16))
-        acc_hi = acc_hi * alpha[:, None] + tl.dot(p16, v_hi.to(tl.float16))
-        m_i = m_new
+    if BITS < 16 and D // G == 1 and not ROPE:
+        # One (scale, zero) per token per head, keys after RoPE: no per-element dequantization at all. Scores
+        # s_t * (q . c_t - z_t * sum(q)) from the raw codes, and the value scale folded into the probabilities:
+        # sum_t p_t s_t (c_t - z_t) = (p * s) . C - sum_t p_t s_t z_t (vLLM's int4_per_token_head does the same).
+        q_sum = tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1)
+        for start in range(t0, t_end, BLOCK_N):
+            t = start + tl.arange(0, BLOCK_N)
+            tmask = t < t_end
+            page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)
+            slot = page.to(tl.int64) * PAGE + t % PAGE
+            c_lo, c_hi, ks, kz = _load_codes(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
+            qc = tl.dot(q_lo, tl.trans(c_lo)) + tl.dot(q_hi, tl.trans(c_hi))
+            sc = ks[None, :] * (qc - kz[None, :] * q_sum[:, None])
+            sc = tl.where(tmask[None, :], sc, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_lo, v_hi, vs, vz = _load_codes(vc_ptr, vsz_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
+            ps16 = (p * vs[None, :]).to(tl.float16)
+            pz = tl.sum(ps16.to(tl.float32) * vz[None, :], axis=1)  # the same rounded p * s as the dot
+            acc_lo = acc_lo * alpha[:, None] + tl.dot(ps16, v_lo) - pz[:, None]
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(ps16, v_hi) - pz[:, None]
+            m_i = m_new
+    else:
+        for start in range(t0, t_end, BLOCK_N):
+            t = start + tl.arange(0, BLOCK_N)
+            tmask = t < t_end
+            page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)  # the page table, per token
+            slot = page.to(tl.int64) * PAGE + t % PAGE
+            k_lo, k_hi = _load_half(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
+            if ROPE:  # K stored before RoPE (Atom): rotate the dequantized halves at their positions
+                f = t.to(tl.float32)[:, None] * inv_freq[None, :]
+                c = tl.cos(f) * rope_scaling
+                s = tl.sin(f) * rope_scaling
+                k_lo, k_hi = k_lo * c - k_hi * s, k_hi * c + k_lo * s
+            sc = tl.dot(q_lo, tl.trans(k_lo.to(tl.float16))) + tl.dot(q_hi, tl.trans(k_hi.to(tl.float16)))
+            sc = tl.where(tmask[None, :], sc, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_lo, v_hi = _load_half(vc_ptr, vsz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
+            p16 = p.to(tl.float16)
+            acc_lo = acc_lo * alpha[:, None] + tl.dot(p16, v_lo.to(tl.float16))
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(p16, v_hi.to(tl.float16))
+            m_i = m_new
     valid = t0 < n
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     orow = o_ptr + ((b * Hq + qh[:, None]) * NSPLIT + sp) * D
