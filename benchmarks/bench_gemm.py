@@ -312,7 +312,7 @@ def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print) ->
                graph_capture_failures=GRAPH_FAILURES, gemm=rows, quantize=quant, seconds=time.time() - t0)
     res["dispatch"] = dict(FP8_MIN_M=G.FP8_MIN_M, BLOCKWISE_MIN_M=G.BLOCKWISE_MIN_M,
                            capability=G.device_capability(torch.device("cuda")),
-                           blockwise_library_refused=sorted(map(str, gemm_blockwise._REFUSED)))
+                           library_refused_fell_back_to_fp8=G.FALLBACKS[:20])
     res["bars"] = bars(rows, quant)
     res["bars_fp8_weights"] = bars(rows, {}, "speedup_vs_bf16_fp8_weights")
     res["markdown"] = markdown(res)

@@ -138,11 +138,13 @@ AUTOTUNE = os.environ.get("ATOM_LAB_AUTOTUNE", "1") != "0"
 
 # Thresholds in tokens, from the H200 runs (benchmarks/NOTES.md): below FP8_MIN_M the fused kernel beats our Triton
 # FP8 path (which must first write an FP8 copy of the weights: 0.47 vs 0.48x bf16 at M = 256, 0.37 vs 0.58-0.87x at
-# 1024); the library's blockwise GEMM (its operands prepared per call) only pays for its preparation at large M.
+# 1024); the library's blockwise GEMM with its operands prepared per call beat our FP8 kernel at M = 1024 on all 8
+# Llama-2 shapes (0.63-0.87x vs 0.59-0.81x bf16) and above.
 FP8_MIN_M = 512
-BLOCKWISE_MIN_M = 2048
+BLOCKWISE_MIN_M = 1024
 STORED_MIN_M = 64  # with FP8 weights stored: the library GEMM alone ran 1.3-1.6x bf16 at M = 64, the fused 0.6-0.9x
 METHODS = ("fused", "fp8", "blockwise")
+FALLBACKS: list = []  # shapes the library refused under method=None (they ran "fp8" instead)
 
 
 def select_method(M: int, capability: tuple[int, int] | None, torch_ver: tuple[int, int],
@@ -239,7 +241,8 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
     M, N, device = a.rows, w.rows, a.q4.device
     if w_fp8 is not None and (len(w_fp8) != 2 or w_fp8[0].shape[0] != N or w_fp8[1].shape[1] != N):
         raise ValueError("w_fp8 must be gemm_blockwise.prepare_fp8(w, 'w') of these weights (N rows).")
-    if method is None:
+    auto = method is None
+    if auto:
         method = choose_method(M, device, a.group_size, fp8_weights=w_fp8 is not None)
         if method == "blockwise" and N % gemm_blockwise.N_ALIGN:  # the library needs N % 16 == 0
             method = "fp8"
@@ -259,7 +262,13 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
         if not interpreting() and N % gemm_blockwise.N_ALIGN:
             raise ValueError(f"method='blockwise' needs N (w.rows = {N}) divisible by {gemm_blockwise.N_ALIGN} "
                              f"(cuBLASLt FP8 layout); use method='fp8' or 'fused', or method=None.")
-        return gemm_blockwise.w4a4_gemm_blockwise(a, w, out_dtype, residual, w_fp8)
+        try:
+            return gemm_blockwise.w4a4_gemm_blockwise(a, w, out_dtype, residual, w_fp8)
+        except gemm_blockwise.LibraryRefused as e:
+            if not auto:
+                raise ValueError(f"method='blockwise': {e}. Use method='fp8' or 'fused', or method=None.") from e
+            FALLBACKS.append(str(e)[:300])  # the dispatch keeps our own FP8 kernel for such shapes
+            method = "fp8"
     # The interpreter has no bf16 arithmetic: compute in fp32 there and cast with PyTorch.
     kernel_dtype = torch.float32 if interpreting() and out_dtype == torch.bfloat16 else out_dtype
     res = residual

@@ -131,26 +131,29 @@ def _call_private_scaled_mm(a8, saT, w8, swT, out_dtype):
 
 
 CALLS = [_call_scaled_mm, _call_private_scaled_mm]
-_REFUSED: set = set()  # (call, out dtype, M == 1) the library refused once: not asked again
+
+
+class LibraryRefused(RuntimeError):
+    """The library refused these operands (a layout or alignment it does not take); the message holds its words."""
 
 
 def _library_mm(a8, saT, w8, swT, out_dtype):
     """The library GEMM, through the first API that accepts these operands and out_dtype. An out_dtype every API
-    refuses is computed in fp32 and cast (one rounding either way)."""
+    refuses (fp16 at M = 1 on the H200) is computed in fp32 and cast (one rounding either way). Nothing is cached:
+    a refusal can depend on the shape."""
     errors = []
-    for dt in (out_dtype, torch.float32):
+    for dt in (out_dtype, torch.float32) if out_dtype != torch.float32 else (out_dtype,):
         for call in CALLS:
-            key = (call.__name__, dt, a8.shape[0] == 1)  # M = 1 scales have other strides (NOTES.md)
-            if key in _REFUSED or (call is _call_scaled_mm and not hasattr(torch.nn.functional, "scaled_mm")):
+            if call is _call_scaled_mm and not hasattr(torch.nn.functional, "scaled_mm"):
                 continue
             try:
                 y = call(a8, saT, w8, swT, dt)
             except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
-                _REFUSED.add(key)
                 errors.append(f"{call.__name__}({dt}): {str(e).splitlines()[0][:200]}")
                 continue
             return y if dt == out_dtype else y.to(out_dtype)
-    raise RuntimeError("the blockwise FP8 GEMM was refused: " + " | ".join(errors))
+    raise LibraryRefused(f"the blockwise FP8 GEMM refused M={a8.shape[0]}, N={w8.shape[0]}, K'={a8.shape[1]}: "
+                         + " | ".join(errors))
 
 
 def blockwise_gemm(a_prep, w_prep, out_dtype: torch.dtype, residual: torch.Tensor | None = None) -> torch.Tensor:
