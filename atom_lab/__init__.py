@@ -35,7 +35,8 @@ from atom_lab.reorder import outlier_channels, reorder_activation, reorder_index
 from atom_lab.stats import ChannelStats, collect_stats, decoder_layers, decoder_layers_name, linear_names
 from atom_lab.quantizers import (fake_quantize, fake_quantize_asymmetric, fake_quantize_mixed, fake_quantize_symmetric,
                             quantize_asymmetric, quantize_symmetric, search_act_clip, search_weight_clip)
-from atom_lab.config import PRESETS, AtomConfig, ablation_configs
+from atom_lab.config import PRESETS, AtomConfig, ablation_configs, rotation_configs
+from atom_lab.rotation import fold_rmsnorm, hadamard, rotate_model, rotation_matrix
 from atom_lab.gptq import column_groups, gptq_quantize, rtn_quantize
 from atom_lab.qlinear import QuantLinear, SharedInput
 from atom_lab.backend import FusedMLP, RMSNormQuantize, set_backend
@@ -56,7 +57,8 @@ __all__ = [
     "outlier_channels", "reorder_activation", "reorder_index", "reorder_linear",
     "fake_quantize", "fake_quantize_asymmetric", "fake_quantize_mixed", "fake_quantize_symmetric",
     "quantize_asymmetric", "quantize_symmetric", "search_act_clip", "search_weight_clip",
-    "PRESETS", "AtomConfig", "ablation_configs", "column_groups", "gptq_quantize", "rtn_quantize",
+    "PRESETS", "AtomConfig", "ablation_configs", "rotation_configs",
+    "fold_rmsnorm", "hadamard", "rotate_model", "rotation_matrix", "column_groups", "gptq_quantize", "rtn_quantize",
     "QuantLinear", "smooth_model", "layer_inputs", "model_size_report", "quantize_model",
     "evaluate", "kl_divergence", "top1_agreement",
     "SharedInput", "RMSNormQuantize", "FusedMLP", "set_backend", "save_quantized", "load_quantized",
