@@ -50,8 +50,16 @@ def _qmax(K: int, keeper: int, device) -> torch.Tensor:
 
 
 def flip_bound(expected: float) -> float:
-    """Most flips allowed when `expected` is the sum of the per-value crossing probabilities (Poisson tail)."""
-    return expected + 6 * math.sqrt(expected) + 6  # P(N > bound) < 1e-8 for a Poisson (or Poisson-binomial) N
+    """Most code flips allowed when `expected` = E is the sum of the per-value crossing probabilities.
+
+    A code flips iff a rounding boundary (spacing 1 in code units) lies between the two paths' values t_ref, t_got.
+    The fractional parts of v / scale are spread evenly at INT4/INT8 resolution, so value i flips with probability
+    p_i = min(1, |t_got - t_ref| + widening), independently: the count N is Poisson-binomial with mean E, and by the
+    Chernoff bound P(N >= k) <= exp(-E) (e E / k)^k, P(N > E + 6 sqrt(E) + 6) is below ~1.5e-8 for every E.
+    Two float32 paths that differ by a few ulp make E ~ 1e-6 per value, so a kernel flipping codes of its own
+    (E unchanged, N up) is caught, and the bound depends on no machine: E is measured from the two float paths.
+    """
+    return expected + 6 * math.sqrt(expected) + 6
 
 
 @torch.no_grad()
