@@ -63,12 +63,13 @@ class PagedDecoder:
         self.Hkv = getattr(c, "num_key_value_heads", None) or self.Hq
         self.D = getattr(c, "head_dim", None) or c.hidden_size // self.Hq
         if (pool.num_layers, pool.num_kv_heads, pool.head_dim) != (len(self.layers), self.Hkv, self.D):
-            raise ValueError(f"pool shape (layers, kv heads, head_dim) = {(pool.num_layers, pool.num_kv_heads, pool.head_dim)}"
-                             f" does not match the model's {(len(self.layers), self.Hkv, self.D)}; build it with "
-                             "PagePool.for_model(model, fmt, ...).")
+            shape = (pool.num_layers, pool.num_kv_heads, pool.head_dim)
+            raise ValueError(f"pool shape (layers, kv heads, head_dim) = {shape} does not match the model's "
+                             f"{(len(self.layers), self.Hkv, self.D)}; build it with PagePool.for_model(model, fmt).")
         device = next(model.parameters()).device
         if pool.device.type != device.type:
-            raise ValueError(f"pool is on {pool.device} but the model on {device}; build the pool on the model's device.")
+            raise ValueError(f"pool is on {pool.device} but the model on {device}; build the pool on the model's "
+                             "device.")
         if kernels is None:
             kernels = "triton" if (getattr(model, "atom_backend", None) == "triton" or device.type == "cuda") \
                 else "reference"

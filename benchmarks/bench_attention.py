@@ -137,7 +137,8 @@ def main(argv=None) -> int:
                 for k in ("post", "pre"):
                     ms = row[f"ours_int4_{k}_ms"]
                     row[f"speedup_int4_{k}"] = sd[be] / ms if ms else None
-                row["int4_post_tbs"] = kv_bytes_int4 / row["ours_int4_post_ms"] / 1e9 if row["ours_int4_post_ms"] else None
+                post_ms = row["ours_int4_post_ms"]
+                row["int4_post_tbs"] = kv_bytes_int4 / post_ms / 1e9 if post_ms else None
                 row["sdpa_tbs"] = kv_bytes_bf16 / sd[be] / 1e9
                 rows.append(row)
 

@@ -31,7 +31,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     budget = args.budget_mib * 2**20
     rows = []
-    print(f"{'model':38s} {'format':24s} {'B/token':>8s} {'pages':>7s} {'tokens':>9s} {'allocated MiB':>13s} {'x fp16':>6s}")
+    print(f"{'model':38s} {'format':24s} {'B/token':>8s} {'pages':>7s} {'tokens':>9s} {'allocated MiB':>13s} "
+          f"{'x fp16':>6s}")
     for model, (L, H, D) in SHAPES.items():
         base = None
         for fmt in FORMATS:
