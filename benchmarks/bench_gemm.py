@@ -248,6 +248,31 @@ def markdown(res, lib_note: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_summary(res) -> str:
+    """README / notebook table: per M, the range over all shapes of each method's speed-up over cuBLAS bf16 (same
+    run), and of the method the dispatch of this checkout picks (select_method applied to the measured columns)."""
+    cap = tuple(res.get("dispatch", {}).get("capability") or (9, 0))
+    tv = gemm_blockwise.torch_version() if res["device"]["torch"] == torch.__version__ else \
+        tuple(int(v) for v in res["device"]["torch"].split("+")[0].split(".")[:2])
+    cols = [(m, name) for m, name in METHOD_COLUMNS]
+    lines = [f"W4A4 GEMM vs cuBLAS bf16 on **{res['device']['device']}** (x = speed-up, min-max over the "
+             f"{len({(r.get('model'), r['layer']) for r in res['gemm']})} Llama-2-7B/13B shapes, CUDA graphs, L2 "
+             f"flushed, one run; benchmarks/results/h200_w4a4_gemm.json):", "",
+             "| M | dispatch picks | x dispatch | " + " | ".join(f"x {n}" for _, n in cols) + " |",
+             "|---:|---|---:|" + "---:|" * len(cols)]
+    for M in sorted({r["M"] for r in res["gemm"]}):
+        rs = [r for r in res["gemm"] if r["M"] == M]
+        pick = G.select_method(M, cap, tv)
+        key = {"fused": "fused", "fp8": "fp8", "blockwise": "blockwise"}[pick]
+
+        def span(vals):
+            vals = [v for v in vals if v]
+            return f"{min(vals):.2f}-{max(vals):.2f}" if vals else "-"
+        lines.append(f"| {M} | {pick} | {span(r.get(key + '_speedup_vs_bf16') for r in rs)} | "
+                     + " | ".join(span(r.get(m + "_speedup_vs_bf16") for r in rs) for m, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(res, path, suptitle: str | None = None, lib_title: str | None = None):
     import matplotlib
     matplotlib.use("Agg")
@@ -316,6 +341,7 @@ def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print) ->
     res["bars"] = bars(rows, quant)
     res["bars_fp8_weights"] = bars(rows, {}, "speedup_vs_bf16_fp8_weights")
     res["markdown"] = markdown(res)
+    res["summary_markdown"] = speed_summary(res)
     log(res["markdown"])
     if json_path:
         with open(json_path, "w") as f:

@@ -136,11 +136,12 @@ def _check_inputs(a, w, out_dtype, residual, check_finite):
 # keeps the number of compiled variants small (the GPU test run).
 AUTOTUNE = os.environ.get("ATOM_LAB_AUTOTUNE", "1") != "0"
 
-# Thresholds in tokens, from the H200 runs (benchmarks/NOTES.md): below FP8_MIN_M the fused kernel beats our Triton
-# FP8 path (which must first write an FP8 copy of the weights: 0.47 vs 0.48x bf16 at M = 256, 0.37 vs 0.58-0.87x at
-# 1024); the library's blockwise GEMM with its operands prepared per call beat our FP8 kernel at M = 1024 on all 8
-# Llama-2 shapes (0.63-0.87x vs 0.59-0.81x bf16) and above.
-FP8_MIN_M = 512
+# Thresholds in tokens, from the H200 runs (benchmarks/NOTES.md, benchmarks/results/h200_w4a4_gemm.json): below
+# FP8_MIN_M the fused kernel beats our Triton FP8 path, which must first write an FP8 copy of the weights (at M = 256
+# the FP8 path won on all 8 Llama-2 shapes, 0.43-0.54x vs 0.35-0.47x bf16; at M = 64 the fused kernel, 0.59-0.90x vs
+# 0.37-0.54x); the library's blockwise GEMM with its operands prepared per call beat our FP8 kernel at M = 1024 on
+# all 8 shapes (0.63-0.87x vs 0.59-0.81x) and above. Ada (8, 9) was never measured: it shares FP8_MIN_M.
+FP8_MIN_M = 256
 BLOCKWISE_MIN_M = 1024
 STORED_MIN_M = 64  # with FP8 weights stored: the library GEMM alone ran 1.3-1.6x bf16 at M = 64, the fused 0.6-0.9x
 METHODS = ("fused", "fp8", "blockwise")
