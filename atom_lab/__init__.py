@@ -44,6 +44,7 @@ from atom_lab.smooth import smooth_model
 from atom_lab.recipe import layer_inputs, model_size_report, quantize_model
 from atom_lab.metrics import evaluate, kl_divergence, top1_agreement
 from atom_lab.serialize import load_quantized, save_quantized
+from atom_lab.serve import Engine, SamplingParams, simulate  # serve: above recipe / kv_cache, below cli
 
 __version__ = "0.1.0"
 
@@ -62,4 +63,5 @@ __all__ = [
     "QuantLinear", "smooth_model", "layer_inputs", "model_size_report", "quantize_model",
     "evaluate", "kl_divergence", "top1_agreement",
     "SharedInput", "RMSNormQuantize", "FusedMLP", "set_backend", "save_quantized", "load_quantized",
+    "Engine", "SamplingParams", "simulate",
 ]

@@ -12,6 +12,11 @@
 from atom_lab.serve.block_manager import BlockManager, OutOfPages
 from atom_lab.serve.request import SamplingParams, Sequence, Status, sample
 from atom_lab.serve.scheduler import Scheduler, SchedulerConfig
+from atom_lab.serve.memory import Format, ModelShape, plan
+from atom_lab.serve.hardware import GPUS
+from atom_lab.serve.sim import simulate
+from atom_lab.serve.model_runner import ModelRunner
+from atom_lab.serve.engine import Engine
 
 __all__ = ["BlockManager", "OutOfPages", "SamplingParams", "Sequence", "Status", "sample", "Scheduler",
-           "SchedulerConfig"]
+           "SchedulerConfig", "Format", "ModelShape", "plan", "GPUS", "simulate", "ModelRunner", "Engine"]
