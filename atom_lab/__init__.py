@@ -44,6 +44,8 @@ from atom_lab.smooth import smooth_model
 from atom_lab.recipe import layer_inputs, model_size_report, quantize_model
 from atom_lab.metrics import evaluate, kl_divergence, top1_agreement
 from atom_lab.serialize import load_quantized, save_quantized
+from atom_lab.kv_cache import KVCacheFull, KVFormat, PageError, PagePool, PageTable
+from atom_lab.paged_model import PagedDecoder, simulate_kv
 from atom_lab.serve import Engine, SamplingParams, simulate  # serve: above recipe / kv_cache, below cli
 
 __version__ = "0.1.0"
@@ -58,6 +60,7 @@ __all__ = [
     "outlier_channels", "reorder_activation", "reorder_index", "reorder_linear",
     "fake_quantize", "fake_quantize_asymmetric", "fake_quantize_mixed", "fake_quantize_symmetric",
     "quantize_asymmetric", "quantize_symmetric", "search_act_clip", "search_weight_clip",
+    "KVCacheFull", "KVFormat", "PageError", "PagePool", "PageTable", "PagedDecoder", "simulate_kv",
     "PRESETS", "AtomConfig", "ablation_configs", "rotation_configs",
     "fold_rmsnorm", "hadamard", "rotate_model", "rotation_matrix", "column_groups", "gptq_quantize", "rtn_quantize",
     "QuantLinear", "smooth_model", "layer_inputs", "model_size_report", "quantize_model",
