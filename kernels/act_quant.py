@@ -241,14 +241,19 @@ def _atom_quantize_tuned(M: int):
     return _QUANTIZE_TUNERS[bucket]
 
 
-def _launch(mode, x2, u2, weight, index, eps, clip, group_size, keeper) -> PackedAtom:
-    M, K = x2.shape
-    normal = K - keeper
-    dev = x2.device
+def _empty_packed(M: int, normal: int, keeper: int, group_size: int, dev):
+    """Output buffers of M packed rows (q4, s4, q8, s8); with no keeper channels s8 holds ones (kernels/formats.py)."""
     q4 = torch.empty(M, normal // 2, dtype=torch.uint8, device=dev)
     s4 = torch.empty(M, normal // group_size, dtype=torch.float16, device=dev)
     q8 = torch.empty(M, keeper, dtype=torch.int8, device=dev)
     s8 = (torch.empty if keeper else torch.ones)(M, 1, dtype=torch.float16, device=dev)
+    return q4, s4, q8, s8
+
+
+def _launch(mode, x2, u2, weight, index, eps, clip, group_size, keeper) -> PackedAtom:
+    M, K = x2.shape
+    normal = K - keeper
+    q4, s4, q8, s8 = _empty_packed(M, normal, keeper, group_size, x2.device)
     args = (x2, x2 if u2 is None else u2, x2 if weight is None else weight, index, q4, s4, q8, s8,
             M, K, normal, keeper, x2.stride(0), x2.stride(0) if u2 is None else u2.stride(0), float(eps), float(clip))
     meta = dict(MODE=mode, G=group_size, KEEP_P2=triton.next_power_of_2(keeper) if keeper else 0,
@@ -347,11 +352,7 @@ _silu_mul_rotate_quantize_tuned = triton.autotune(
 def _launch_rotate(g2, u2, rotation, index, clip, group_size, keeper) -> PackedAtom:
     M, K = g2.shape
     normal = K - keeper
-    dev = g2.device
-    q4 = torch.empty(M, normal // 2, dtype=torch.uint8, device=dev)
-    s4 = torch.empty(M, normal // group_size, dtype=torch.float16, device=dev)
-    q8 = torch.empty(M, keeper, dtype=torch.int8, device=dev)
-    s8 = (torch.empty if keeper else torch.ones)(M, 1, dtype=torch.float16, device=dev)
+    q4, s4, q8, s8 = _empty_packed(M, normal, keeper, group_size, g2.device)
     args = (g2, u2, rotation, index, q4, s4, q8, s8, M, K, normal, keeper, g2.stride(0), u2.stride(0), float(clip))
     meta = dict(G=group_size, KEEP_P2=triton.next_power_of_2(keeper) if keeper else 0, LIBDEVICE=not interpreting())
 
