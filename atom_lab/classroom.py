@@ -32,6 +32,10 @@ NOTEBOOK_GLOB = "[0-9][0-9]*.ipynb"
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 STUB = "# YOUR CODE HERE"
 BADGE_TAG, SETUP_TAG = "colab-badge", "colab-setup"
+# Chapters not yet converted to the convention (badge/setup cells, exercise marks). `make student` leaves them out
+# of the release (saying so) and the tests expect them to fail `check`; any OTHER notebook that fails `check` stops
+# the build. Remove a name once its notebook is converted.
+NOT_CONVERTED = frozenset({"03b_rotation", "05_kv_cache", "06_serving"})
 
 
 def course_notebooks(root: Path | str = REPO_ROOT) -> list[Path]:
@@ -285,12 +289,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, problems in bad.items():
             print(name + ": " + ("ok" if not problems else "; ".join(problems)))
         return 1 if any(bad.values()) else 0
+    ready = []
     for nb in course_notebooks():
         problems = check(nb)
-        if problems:
+        if problems and nb.stem in NOT_CONVERTED:
+            print(f"{nb.name}: not converted yet, left out of the release", file=sys.stderr)
+        elif problems:
             print(f"{nb.name}: {'; '.join(problems)}", file=sys.stderr)
             return 1
-    for path in build_student(args.out):
+        else:
+            ready.append(nb)
+    for path in build_student(args.out, ready):
         print("student release:", path)
     print(f"nbgrader course (for grading): {Path(args.out).parent / 'course'}")
     return 0
