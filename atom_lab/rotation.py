@@ -242,8 +242,12 @@ def rotate_model(model, kind: str = "hadamard", seed: int = 0, online_down: bool
             down = b.mlp.down_proj
             if qd is None:
                 qd = rotation_matrix(down.in_features, kind, seed + 1)
+                # One copy in the run-time dtype, shared by every block's buffer (add_online_rotation keeps a tensor
+                # already of its dtype): a copy per layer would be 32 x 485 MB for Llama-2-7B's 11008.
+                dt = torch.float64 if down.weight.dtype == torch.float64 else torch.float32
+                q_online = qd.to(down.weight.device, dt).contiguous()
             _set_weight(down, down.weight.double() @ qd)
-            add_online_rotation(down, qd.to(down.weight.device))
+            add_online_rotation(down, q_online)
     model.atom_rotation = {"kind": kind, "seed": seed, "hidden": H, "online_down": online_down,
                            "down_order": blocks[0].mlp.down_proj.in_features if online_down else None}
     return model

@@ -105,6 +105,8 @@ def test_rotated_model_has_the_same_float_outputs(arch, tie, kind):
     assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
     assert not torch.equal(rot.model.embed_tokens.weight, model.model.embed_tokens.weight)  # it did rotate
     assert rot.atom_rotation["kind"] == kind and online_rotation(rot.model.layers[0].mlp.down_proj) is not None
+    # one down_proj rotation matrix for all blocks, not a copy per layer
+    assert len({online_rotation(b.mlp.down_proj).data_ptr() for b in rot.model.layers}) == 1
     if tie:
         assert rot.lm_head.weight is not rot.model.embed_tokens.weight and not rot.config.tie_word_embeddings
     with pytest.raises(ValueError, match="already rotated"):
