@@ -7,6 +7,11 @@ Public API (stable; the serving engine, atom_lab/serve/, builds on it):
               (group_size None = head_dim, Atom) or per sub-head group of group_size channels;
               rope "pre": K stored BEFORE RoPE and rotated on read (Atom), "post": after RoPE (QServe, KIVI, vLLM).
               KVFormat.from_config(atom_config) maps AtomConfig.kv_bits / kv_group_size / kv_rope.
+              KIVI's two options (bits 4/8): key_tokens=Tg quantizes each key CHANNEL over groups of Tg consecutive
+              tokens (values stay per token); window=R keeps the newest >= R tokens in float (fmt.dtype). The
+              newest incomplete key group waits in float too: tokens [0, fmt.quantized_length(n)) are codes, the
+              rest (at most R + Tg - 1) a per-sequence float ring. Everything entering such a cache is rounded to
+              fmt.dtype first, so a token's codes do not depend on how long it waited in the ring.
     pool  = PagePool(num_layers, num_kv_heads, head_dim, fmt, page_size=32, budget_bytes=... | num_pages=...)
               one allocation per layer for K and V (+ scales); capacity = the pages that fit in budget_bytes.
               pool.num_pages, pool.page_size, pool.free_pages (count), pool.bytes_per_token (= allocated bytes /
@@ -14,10 +19,13 @@ Public API (stable; the serving engine, atom_lab/serve/, builds on it):
               pool.allocate(n) -> list[int] page ids (raises KVCacheFull, allocating nothing, when fewer are free);
               pool.free(pages); pool.is_allocated(page).
               PagePool.for_model(model, fmt, page_size, budget_bytes=..., num_pages=...) reads the model's shapes.
+              max_seqs=S (formats with a window only): S float rings, counted in nbytes and the budget;
+              pool.allocate_window() / free_window(w) (PageTable does it for you); KVCacheFull when all are taken.
     table = PageTable(pool)        one sequence: table.pages (list[int]), table.length (tokens written)
               table.reserve(n): make room for n more tokens (allocates pages; KVCacheFull leaves it unchanged);
               table.free(): give every page back. Tables made by an engine's own block manager may pass their own
-              page lists: PageTable(pool, pages=[...], length=L) (pages must be allocated in the pool).
+              page lists: PageTable(pool, pages=[...], length=L) (pages must be allocated in the pool; with a
+              float window also window=w, its ring id). table.window, table.quantized_length.
     run   = PagedDecoder(model, pool)   a float HF Llama-architecture causal LM (llama / mistral / qwen2), or one
               quantized by atom_lab.quantize_model on backend "reference" or "triton".
               run.step(tables, token_ids, all_logits=False) -> list of logits
@@ -28,13 +36,14 @@ Public API (stable; the serving engine, atom_lab/serve/, builds on it):
                   last position, or [T_i, V] of every position with all_logits=True (teacher-forced perplexity).
               run.generate(prompts, max_new_tokens, eos_token_id=None) -> list[list[int]] greedy, batched.
               run.perplexity(windows, chunk=None) -> float, teacher-forced through the cache.
-    KVCacheFull(RuntimeError): pool has too few free pages (.needed, .free). PageError(ValueError): a table names
-    pages the pool did not hand out, or a sequence longer than its pages.
+    KVCacheFull(RuntimeError): pool has too few free pages or float windows (.needed, .free).
+    PageError(ValueError): a table names pages the pool did not hand out, or a sequence longer than its pages.
 
 Kernels: on backend "triton" (or kernels="triton") the new rows go through kernels/kv_cache.py kv_write and decode
 attention through kernels/attention.py paged_decode_attention (split-KV, dequantization in registers); on
-"reference" through their PyTorch twins. Prefill attention is SDPA over the sequence's K/V as read back from the
-cache (so teacher-forced perplexity equals the float simulation of the same KV format); prefill="fresh" uses the
+"reference" through their PyTorch twins (KIVI keys: kv_write_channel / kv_write_channel_ref; the float ring is a
+second launch of the decode kernel, merged by LSE). Prefill attention is SDPA over the sequence's K/V as read back
+from the cache (so teacher-forced perplexity equals the float simulation of the same KV format); prefill="fresh" uses the
 chunk's own float K/V instead, as Atom's prefill does.
 """
 from __future__ import annotations
@@ -51,9 +60,10 @@ ROPE_MODES = ("pre", "post")
 class KVCacheFull(RuntimeError):
     """The pool has fewer free pages than a reservation needs. Catch it to preempt or queue a sequence."""
 
-    def __init__(self, needed: int, free: int):
-        super().__init__(f"KV cache full: {needed} page(s) needed, {free} free. Free finished sequences "
-                         "(PageTable.free), preempt one, or build the PagePool with a larger budget_bytes.")
+    def __init__(self, needed: int, free: int, what: str | None = None):
+        what = what or f"{needed} page(s) needed, {free} free"
+        super().__init__(f"KV cache full: {what}. Free finished sequences (PageTable.free), preempt one, or build "
+                         "the PagePool with a larger budget_bytes (or max_seqs).")
         self.needed, self.free = needed, free
 
 
@@ -68,6 +78,8 @@ class KVFormat:
     group_size: int | None = None
     rope: str = "pre"
     dtype: torch.dtype = torch.float16
+    key_tokens: int | None = None
+    window: int = 0
 
     def __post_init__(self):
         if self.bits not in (4, 8, 16):
@@ -79,6 +91,17 @@ class KVFormat:
         g = self.group_size
         if g is not None and (not isinstance(g, int) or g < 2 or g & (g - 1)):
             raise ValueError(f"KVFormat group_size={g!r}: use None (= head_dim) or a power of two >= 2 dividing it.")
+        kt = self.key_tokens
+        if kt is not None and (not isinstance(kt, int) or isinstance(kt, bool) or kt < 2 or kt & (kt - 1)):
+            raise ValueError(f"KVFormat key_tokens={kt!r}: use None (keys per token) or a power of two >= 2 (KIVI: "
+                             "one (scale, zero) per channel per key_tokens tokens, e.g. 16 or 32), at most the "
+                             "page size.")
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 0:
+            raise ValueError(f"KVFormat window={self.window!r}: use an int >= 0 (the newest tokens kept in "
+                             "full precision; 0 = none).")
+        if self.bits == 16 and (kt is not None or self.window):
+            raise ValueError("KVFormat bits=16 stores everything in float: key_tokens and window only apply to a "
+                             "quantized cache (bits 4 or 8).")
 
     @classmethod
     def from_config(cls, config, dtype: torch.dtype = torch.float16) -> KVFormat:
@@ -95,10 +118,36 @@ class KVFormat:
                              f"{head_dim} or None (one (scale, zero) per token per head).")
         return G
 
-    def bytes_per_token_head(self, head_dim: int) -> int:
-        """Bytes of K (or V) of one token of one head: codes + float16 (scale, zero) per group."""
+    # --- KIVI: per-channel keys over token groups, and the full-precision window -----------------------------------
+    @property
+    def token_group(self) -> int:
+        """Tokens that share one key (scale, zero): key_tokens for KIVI keys, 1 for keys per token."""
+        return self.key_tokens or 1
+
+    @property
+    def has_window(self) -> bool:
+        """True when the newest tokens stay in float (a window, or the incomplete group of KIVI keys)."""
+        return self.window > 0 or self.key_tokens is not None
+
+    @property
+    def window_capacity(self) -> int:
+        """Float slots per sequence: at most window + token_group - 1 tokens are unquantized at any time."""
+        return self.window + self.token_group - 1 if self.has_window else 0
+
+    def quantized_length(self, n):
+        """How many of a sequence's first n tokens are stored quantized: the largest multiple of token_group that
+        leaves at least `window` newest tokens in float (n an int, or an int tensor)."""
+        tg = self.token_group
+        q = (n - self.window) // tg * tg
+        return max(q, 0) if isinstance(q, int) else q.clamp(min=0)
+
+    def bytes_per_token_head(self, head_dim: int, which: str = "v") -> float:
+        """Bytes of K (which="k") or V (which="v") of one quantized token of one head: codes + float16
+        (scale, zero) pairs (KIVI keys: head_dim pairs per key_tokens tokens). The float window is extra."""
         if self.bits == 16:
             return head_dim * torch.tensor([], dtype=self.dtype).element_size()
+        if which == "k" and self.key_tokens:
+            return code_bytes(self.bits, head_dim) + 4 * head_dim / self.key_tokens
         return code_bytes(self.bits, head_dim) + 4 * (head_dim // self.group(head_dim))
 
     @property
@@ -106,7 +155,9 @@ class KVFormat:
         if self.bits == 16:
             return str(self.dtype).replace("torch.", "")
         g = f", groups of {self.group_size}" if self.group_size else ", per head"
-        return f"int{self.bits}{g}, {self.rope}-RoPE"
+        k = f", KIVI keys/{self.key_tokens} tok" if self.key_tokens else ""
+        w = f", window {self.window}" if self.window else ""
+        return f"int{self.bits}{g}{k}{w}, {self.rope}-RoPE"
 
 
 class PagePool:
@@ -116,11 +167,19 @@ class PagePool:
         k_codes[l], v_codes[l]: uint8 [num_pages * page_size, num_kv_heads, code_bytes] (bits 4/8) or
                                 fmt.dtype [num_pages * page_size, num_kv_heads, head_dim] (bits 16);
         k_sz[l], v_sz[l]:       float16 [num_pages * page_size, num_kv_heads, head_dim / G, 2] (scale, zero),
-                                None for bits 16.
+                                None for bits 16; KIVI keys (fmt.key_tokens = Tg): k_sz[l] is float16
+                                [num_pages * page_size / Tg, num_kv_heads, head_dim, 2], one pair per channel per
+                                group of Tg consecutive slots (a group never straddles a page: Tg divides page_size).
+        k_win[l], v_win[l]:     fmt.dtype [max_seqs * W, num_kv_heads, head_dim], W = fmt.window_capacity: each
+                                sequence's float window (its newest, not yet quantized tokens) as a ring, token p
+                                at row window_id * W + p % W. Only when fmt.has_window (else empty lists).
+    max_seqs: the number of float windows (sequences that can hold pages at once); needed when fmt.has_window.
+    Their bytes count in nbytes and bytes_per_token and come out of budget_bytes before the pages.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, fmt: KVFormat, page_size: int = 32,
-                 budget_bytes: int | None = None, num_pages: int | None = None, device=None):
+                 budget_bytes: int | None = None, num_pages: int | None = None, device=None,
+                 max_seqs: int | None = None):
         if not isinstance(fmt, KVFormat):
             raise TypeError(f"fmt must be an atom_lab.KVFormat, got {type(fmt).__name__}.")
         for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
@@ -132,14 +191,29 @@ class PagePool:
         if fmt.bits == 4 and head_dim % 2:
             raise ValueError(f"head_dim={head_dim} must be even for INT4 (two codes per byte).")
         G = fmt.group(head_dim)
+        Tg = fmt.token_group
+        if page_size % Tg:
+            raise ValueError(f"KVFormat key_tokens={Tg} must divide page_size={page_size} (a key group never "
+                             "straddles two pages); use key_tokens <= page_size.")
+        if fmt.has_window:
+            if not isinstance(max_seqs, int) or isinstance(max_seqs, bool) or max_seqs < 1:
+                raise ValueError(f"{fmt.name} keeps each sequence's newest tokens in float: pass max_seqs= (a "
+                                 f"positive int, the sequences that hold pages at once), got {max_seqs!r}.")
+        elif max_seqs is not None:
+            raise ValueError(f"max_seqs={max_seqs!r} only applies to a format with a float window "
+                             "(KVFormat(window=R) or key_tokens=Tg); leave it out for this format.")
         self.num_layers, self.num_kv_heads, self.head_dim, self.fmt, self.page_size = (
             num_layers, num_kv_heads, head_dim, fmt, page_size)
-        self.group_size = G
-        self.bytes_per_page = 2 * num_layers * num_kv_heads * page_size * fmt.bytes_per_token_head(head_dim)
+        self.group_size, self.key_tokens, self.max_seqs = G, fmt.key_tokens, max_seqs or 0
+        self.window_capacity = fmt.window_capacity
+        per_tok = fmt.bytes_per_token_head(head_dim, "k") + fmt.bytes_per_token_head(head_dim, "v")
+        self.bytes_per_page = int(num_layers * num_kv_heads * page_size * per_tok)
+        fbytes = torch.tensor([], dtype=fmt.dtype).element_size()
+        self.window_bytes = 2 * num_layers * self.max_seqs * self.window_capacity * num_kv_heads * head_dim * fbytes
         if (budget_bytes is None) == (num_pages is None):
             raise ValueError("pass exactly one of budget_bytes= (capacity = the pages that fit) or num_pages=.")
         if num_pages is None:
-            num_pages = int(budget_bytes) // self.bytes_per_page
+            num_pages = (int(budget_bytes) - self.window_bytes) // self.bytes_per_page
             if num_pages < 1:
                 raise ValueError(f"budget_bytes={budget_bytes} holds no page of {self.bytes_per_page} bytes "
                                  f"({fmt.name}, page_size={page_size}); raise the budget or shrink page_size.")
@@ -154,38 +228,44 @@ class PagePool:
         else:
             shape, dt = (S, num_kv_heads, code_bytes(fmt.bits, head_dim)), torch.uint8
         sz_shape = (S, num_kv_heads, head_dim // G, 2)
+        ksz_shape = (S // Tg, num_kv_heads, head_dim, 2) if fmt.key_tokens else sz_shape
 
-        def alloc():
+        def alloc(shape=shape, dt=dt):
             return [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(num_layers)]
 
-        def alloc_sz():
+        def alloc_sz(shape):
             if fmt.bits == 16:
                 return [None] * num_layers
-            return [torch.zeros(sz_shape, dtype=torch.float16, device=self.device) for _ in range(num_layers)]
+            return alloc(shape, torch.float16)
 
-        self.k_codes, self.v_codes, self.k_sz, self.v_sz = alloc(), alloc(), alloc_sz(), alloc_sz()
+        self.k_codes, self.v_codes, self.k_sz, self.v_sz = alloc(), alloc(), alloc_sz(ksz_shape), alloc_sz(sz_shape)
+        win_shape = (self.max_seqs * self.window_capacity, num_kv_heads, head_dim)
+        self.k_win, self.v_win = (alloc(win_shape, fmt.dtype), alloc(win_shape, fmt.dtype)) if fmt.has_window \
+            else ([], [])
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: low ids first
         self._allocated = torch.zeros(num_pages, dtype=torch.bool)
+        self._free_windows = list(range(self.max_seqs - 1, -1, -1))
+        self._windows_used = torch.zeros(self.max_seqs, dtype=torch.bool)
 
     @classmethod
     def for_model(cls, model, fmt: KVFormat, page_size: int = 32, budget_bytes: int | None = None,
-                  num_pages: int | None = None, device=None) -> PagePool:
+                  num_pages: int | None = None, device=None, max_seqs: int | None = None) -> PagePool:
         c = model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         device = device or next(model.parameters()).device
-        return cls(c.num_hidden_layers, heads, head_dim, fmt, page_size, budget_bytes, num_pages, device)
+        return cls(c.num_hidden_layers, heads, head_dim, fmt, page_size, budget_bytes, num_pages, device, max_seqs)
 
     # --- sizes ---------------------------------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
         """Bytes really allocated by the pool's tensors."""
-        ts = self.k_codes + self.v_codes + self.k_sz + self.v_sz
+        ts = self.k_codes + self.v_codes + self.k_sz + self.v_sz + self.k_win + self.v_win
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     @property
     def bytes_per_token(self) -> float:
-        """Allocated bytes per token slot (all layers, K and V, codes and scales)."""
+        """Allocated bytes per token slot (all layers, K and V, codes and scales, and the float windows)."""
         return self.nbytes / (self.num_pages * self.page_size)
 
     @property
@@ -214,6 +294,20 @@ class PagePool:
         self._allocated[pages] = False
         self._free.extend(reversed(pages))
 
+    def allocate_window(self) -> int:
+        """A free float-window id (formats with a window), or KVCacheFull when max_seqs sequences hold one."""
+        if not self._free_windows:
+            raise KVCacheFull(0, self.free_pages, f"all {self.max_seqs} float windows are in use (max_seqs)")
+        w = self._free_windows.pop()
+        self._windows_used[w] = True
+        return w
+
+    def free_window(self, w: int) -> None:
+        if not (0 <= w < self.max_seqs) or not self._windows_used[w]:
+            raise PageError(f"cannot free float window {w}: not in use in this pool.")
+        self._windows_used[w] = False
+        self._free_windows.append(w)
+
     def is_allocated(self, page: int) -> bool:
         return 0 <= page < self.num_pages and bool(self._allocated[page])
 
@@ -232,10 +326,15 @@ class PagePool:
 class PageTable:
     """The pages of one sequence, in order, and how many tokens are written (table.length)."""
 
-    def __init__(self, pool: PagePool, pages: list[int] | None = None, length: int = 0):
+    def __init__(self, pool: PagePool, pages: list[int] | None = None, length: int = 0,
+                 window: int | None = None):
         self.pool = pool
         self.pages = list(pages or [])
         self.length = int(length)
+        self.window = window  # float-window id (formats with a window), taken on the first reserve
+        if pool.fmt.has_window and self.length and window is None:
+            raise PageError(f"{pool.fmt.name} keeps the newest tokens in a float window: pass window= (an id from "
+                            "pool.allocate_window()) with a table of length > 0.")
         if self.pages:
             pool.check_pages(self.pages)
         if self.length > len(self.pages) * pool.page_size or self.length < 0:
@@ -249,8 +348,19 @@ class PageTable:
     def reserve(self, n_tokens: int) -> None:
         """Allocate the pages for n_tokens more tokens (KVCacheFull leaves the table unchanged)."""
         extra = self.pages_for(n_tokens)
+        took = False
+        if self.pool.fmt.has_window and self.window is None and n_tokens > 0:
+            if extra > self.pool.free_pages:
+                raise KVCacheFull(extra, self.pool.free_pages)
+            self.window, took = self.pool.allocate_window(), True
         if extra:
-            self.pages += self.pool.allocate(extra)
+            try:
+                self.pages += self.pool.allocate(extra)
+            except KVCacheFull:
+                if took:
+                    self.pool.free_window(self.window)
+                    self.window = None
+                raise
 
     def slots(self, start: int, n: int) -> torch.Tensor:
         """int64 [n] slot ids of tokens start..start+n-1."""
@@ -264,7 +374,14 @@ class PageTable:
 
     def free(self) -> None:
         self.pool.free(self.pages)
-        self.pages, self.length = [], 0
+        if self.window is not None:
+            self.pool.free_window(self.window)
+        self.pages, self.length, self.window = [], 0, None
+
+    @property
+    def quantized_length(self) -> int:
+        """Tokens stored as codes; the rest (length - quantized_length) sit in the float window."""
+        return self.pool.fmt.quantized_length(self.length)
 
     def __repr__(self) -> str:
         return f"PageTable(length={self.length}, pages={self.pages})"

@@ -16,7 +16,7 @@ import torch
 
 from atom_lab.kernels.attention import (gather_kv_ref, paged_decode_attention, paged_decode_attention_ref,
                                         prefill_attention, rope_ref)
-from atom_lab.kernels.kv_cache import kv_write, kv_write_ref
+from atom_lab.kernels.kv_cache import kv_write, kv_write_channel, kv_write_channel_ref, kv_write_ref
 from atom_lab.kv_cache import KVCacheFull, KVFormat, PagePool, PageTable
 from atom_lab.qlinear import QuantLinear
 from atom_lab.quantizers import fake_quantize_asymmetric
@@ -110,6 +110,11 @@ class PagedDecoder:
         need = sum(t.pages_for(x.numel()) for t, x in zip(tables, ids))
         if need > self.pool.free_pages:
             raise KVCacheFull(need, self.pool.free_pages)
+        if self.pool.fmt.has_window:
+            new_windows = sum(t.window is None for t in tables)
+            if new_windows > len(self.pool._free_windows):
+                raise KVCacheFull(0, self.pool.free_pages, f"{new_windows} float window(s) needed, "
+                                  f"{len(self.pool._free_windows)} free (max_seqs={self.pool.max_seqs})")
         for t, x in zip(tables, ids):
             t.reserve(x.numel())
         pool, dev, D = self.pool, self.device, self.D
@@ -137,6 +142,7 @@ class PagedDecoder:
         decode_attn = paged_decode_attention if self.kernels == "triton" else paged_decode_attention_ref
         fmt = pool.fmt
         rope = (self.inv_freq, self.rope_scaling) if fmt.rope == "pre" else None
+        plan = _WindowPlan(tables, starts, lens, offsets, decode, dev) if fmt.has_window else None
 
         x = self.inner.embed_tokens(flat)[None]  # [1, N, H]
         cos, sin = self.inner.rotary_emb(x, pos[None])
@@ -157,9 +163,16 @@ class PagedDecoder:
                 q = rot(q)
                 k_rot = rot(k)
                 kc, ksz, vc, vsz = pool.k_codes[li], pool.k_sz[li], pool.v_codes[li], pool.v_sz[li]
-                write(k if fmt.rope == "pre" else k_rot, slots, kc, ksz, fmt.bits, pool.group_size)
-                write(v, slots, vc, vsz, fmt.bits, pool.group_size)
+                kin = k if fmt.rope == "pre" else k_rot
                 out = torch.empty(N, self.Hq, D, dtype=torch.float32, device=dev)
+                if plan is not None:
+                    self._windowed_layer(li, plan, kin, v, q, out, rope)
+                    x = residual + attn.o_proj(out.to(x.dtype).view(1, N, self.Hq * D))
+                    residual = x
+                    x = residual + layer.mlp(layer.post_attention_layernorm(x))
+                    continue
+                write(kin, slots, kc, ksz, fmt.bits, pool.group_size)
+                write(v, slots, vc, vsz, fmt.bits, pool.group_size)
                 if decode:
                     out[drows] = decode_attn(q[drows], kc, ksz, vc, vsz, pt, dlen, fmt.bits, pool.page_size,
                                              self.sm_scale, rope)
@@ -186,6 +199,60 @@ class PagedDecoder:
         last = torch.tensor([o - 1 for o in offsets[1:]], device=dev)
         logits = self.model.lm_head(x[last]).float()
         return list(logits)
+
+    def _windowed_layer(self, li, plan, kin, v, q, out, rope):
+        """One layer's write + attention for a format with a float window (KVFormat.window / key_tokens).
+
+        Tokens [0, n_q) of a sequence of n tokens are codes, [n_q, n) float rows of its ring (n_q =
+        fmt.quantized_length(n)). A step moves the tokens [n_q_old, n_q_new) (some from the ring, some from the
+        chunk) into codes, then writes the chunk's newest tokens into the ring: all reads happen before any write,
+        because a new token can take the ring row of one that is being quantized. Everything that enters the cache
+        is first rounded to fmt.dtype (the ring's dtype), so a token's codes do not depend on whether it waited in
+        the ring. Prefill: query i sees tokens j < n_q(i + 1) as codes and n_q(i + 1) <= j <= i in float, exactly
+        what decode would have shown it (prefill="fresh": codes only below the chunk's start, float after)."""
+        pool, fmt, D, dev = self.pool, self.pool.fmt, self.D, self.device
+        kc, ksz, vc, vsz = pool.k_codes[li], pool.k_sz[li], pool.v_codes[li], pool.v_sz[li]
+        kw, vw = pool.k_win[li], pool.v_win[li]
+        kin_r, v_r = kin.to(fmt.dtype), v.to(fmt.dtype)
+        old = {i: (kw[r].float(), vw[r].float()) for i, r in plan.old_ring.items()}  # before any write
+        if plan.M:
+            xk = torch.empty(plan.M, self.Hkv, D, dtype=torch.float32, device=dev)
+            xv = torch.empty_like(xk)
+            xk[plan.q_dst_ring], xv[plan.q_dst_ring] = kw[plan.q_src_ring].float(), vw[plan.q_src_ring].float()
+            xk[plan.q_dst_chunk] = kin_r[plan.q_src_chunk].float()
+            xv[plan.q_dst_chunk] = v_r[plan.q_src_chunk].float()
+            triton = self.kernels == "triton"
+            if fmt.key_tokens:
+                (kv_write_channel if triton else kv_write_channel_ref)(xk, plan.q_slots, kc, ksz, fmt.bits,
+                                                                       fmt.key_tokens)
+            else:
+                (kv_write if triton else kv_write_ref)(xk, plan.q_slots, kc, ksz, fmt.bits, pool.group_size)
+            (kv_write if triton else kv_write_ref)(xv, plan.q_slots, vc, vsz, fmt.bits, pool.group_size)
+        kw[plan.ring_dst], vw[plan.ring_dst] = kin_r[plan.ring_src], v_r[plan.ring_src]
+        if plan.decode:
+            rows = plan.drows
+            window = (kw, vw, plan.win_ids, plan.qlen, pool.window_capacity)
+            attn = paged_decode_attention if self.kernels == "triton" else paged_decode_attention_ref
+            out[rows] = attn(q[rows], kc, ksz, vc, vsz, plan.pt, plan.dlen, fmt.bits, pool.page_size,
+                             self.sm_scale, rope, key_tokens=fmt.key_tokens, window=window)
+        for i, (s, n, a, b) in plan.prefill.items():
+            nq0, nq1 = fmt.quantized_length(s), fmt.quantized_length(n)
+            pages = torch.tensor(plan.tables[i].pages, dtype=torch.int64, device=dev)
+            kq = gather_kv_ref(kc, ksz, fmt.bits, pages, nq1, pool.page_size, fmt.key_tokens)
+            vq = gather_kv_ref(vc, vsz, fmt.bits, pages, nq1, pool.page_size)
+            fresh = self.prefill == "fresh"
+            kf = torch.cat([old[i][0], (kin[a:b] if fresh else kin_r[a:b]).float()])  # tokens [nq0, n)
+            vf = torch.cat([old[i][1], (v[a:b] if fresh else v_r[a:b]).float()])
+            if rope is not None:
+                kq = rope_ref(kq, torch.arange(nq1, device=dev), *rope)
+                kf = rope_ref(kf, torch.arange(nq0, n, device=dev), *rope)
+            qpos = torch.arange(s, n, device=dev)
+            bound = torch.full_like(qpos, nq0) if fresh else fmt.quantized_length(qpos + 1)
+            jq, jf = torch.arange(nq1, device=dev), torch.arange(nq0, n, device=dev)
+            mask = torch.cat([jq[None] < bound[:, None], (jf[None] >= bound[:, None]) & (jf[None] <= qpos[:, None])],
+                             dim=1)
+            out[a:b] = prefill_attention(q[a:b].float(), torch.cat([kq, kf]), torch.cat([vq, vf]), self.sm_scale,
+                                         mask=mask)
 
     # --- loops ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -237,6 +304,61 @@ class PagedDecoder:
         return math.exp(nll.sum().item() / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
+class _WindowPlan:
+    """Host-side index plan of one step for a format with a float window (the same for every layer).
+
+    q_*: the M rows that become codes this step (tokens [n_q_old, n_q_new) of each sequence, in order, so a KIVI
+    key group is Tg consecutive rows with consecutive slots), gathered from the ring (q_src_ring -> q_dst_ring) and
+    from the chunk (q_src_chunk -> q_dst_chunk), written at q_slots. ring_src -> ring_dst: chunk rows that enter
+    the ring. old_ring: per prefill sequence, the ring rows of its tokens [n_q_old, start). Decode sequences:
+    page table pt, lengths dlen, quantized lengths qlen and window ids win_ids for the decode kernel."""
+
+    def __init__(self, tables, starts, lens, offsets, decode, dev):
+        pool = tables[0].pool
+        fmt, cap = pool.fmt, pool.window_capacity
+        self.tables = tables
+        lst = {k: [] for k in ("q_src_ring", "q_dst_ring", "q_src_chunk", "q_dst_chunk", "q_slots", "ring_src",
+                               "ring_dst")}
+        self.old_ring, self.prefill = {}, {}
+        M = 0
+        for i, t in enumerate(tables):
+            s, T, a = starts[i], lens[i], offsets[i]
+            n = s + T
+            nq0, nq1 = fmt.quantized_length(s), fmt.quantized_length(n)
+            base = t.window * cap
+            ring = list(range(nq0, min(nq1, s)))  # waited in the ring, now quantized
+            chunk = list(range(s, max(nq1, s)))  # straight from the chunk into codes
+            lst["q_src_ring"] += [base + p % cap for p in ring]
+            lst["q_dst_ring"] += range(M, M + len(ring))
+            lst["q_src_chunk"] += [a + p - s for p in chunk]
+            lst["q_dst_chunk"] += range(M + len(ring), M + len(ring) + len(chunk))
+            if nq1 > nq0:
+                lst["q_slots"] += t.slots(nq0, nq1 - nq0).tolist()
+            M += nq1 - nq0
+            newest = range(max(nq1, s), n)
+            lst["ring_src"] += [a + p - s for p in newest]
+            lst["ring_dst"] += [base + p % cap for p in newest]
+            if T > 1:
+                self.old_ring[i] = torch.tensor([base + p % cap for p in range(nq0, s)], dtype=torch.long,
+                                                device=dev)
+                self.prefill[i] = (s, n, a, a + T)
+        for k, v in lst.items():
+            setattr(self, k, torch.tensor(v, dtype=torch.long, device=dev))
+        self.M = M
+        self.decode = decode
+        if decode:
+            maxp = max(len(tables[i].pages) for i in decode)
+            pt = torch.zeros(len(decode), maxp, dtype=torch.int32)
+            for r, i in enumerate(decode):
+                pt[r, : len(tables[i].pages)] = torch.tensor(tables[i].pages, dtype=torch.int32)
+            self.pt = pt.to(dev)
+            n = [starts[i] + lens[i] for i in decode]
+            self.dlen = torch.tensor(n, dtype=torch.int32, device=dev)
+            self.qlen = torch.tensor([fmt.quantized_length(x) for x in n], dtype=torch.int32, device=dev)
+            self.win_ids = torch.tensor([tables[i].window for i in decode], dtype=torch.int32, device=dev)
+            self.drows = torch.tensor([offsets[i] for i in decode], device=dev)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The float simulation of a KV format (fake quantization inside the HF model), to compare the real cache with
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,21 +371,76 @@ def fake_quantize_kv(x: torch.Tensor, fmt: KVFormat, head_dim: int) -> torch.Ten
     return y.reshape(shape)
 
 
+def fake_quantize_keys_channel(k: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
+    """KIVI keys in float: k [B, H, L, D] -> each channel fake-quantized over groups of fmt.key_tokens consecutive
+    tokens (positions 0..Tg-1, Tg..2Tg-1, ...); the incomplete last group is left as it is (the cache never holds
+    it as codes). Same values as kernels/kv_cache.py quantize_kv_channel_ref + dequantize_kv_channel_ref."""
+    B, H, L, D = k.shape
+    tg = fmt.key_tokens
+    L0 = L // tg * tg
+    g = k[:, :, :L0].reshape(B, H, L0 // tg, tg, D).transpose(-1, -2)  # [B, H, L0/Tg, D, Tg]
+    q = fake_quantize_asymmetric(g, fmt.bits, tg).transpose(-1, -2).reshape(B, H, L0, D)
+    return torch.cat([q, k[:, :, L0:]], dim=2)
+
+
+def window_mask(fmt: KVFormat, L: int, device=None) -> torch.Tensor:
+    """bool [L, 2L]: which of the keys [codes of tokens 0..L-1 ; float copies of tokens 0..L-1] query i sees in a
+    format with a float window: codes of j < n_q(i + 1), float rows of n_q(i + 1) <= j <= i (n_q =
+    fmt.quantized_length), as decode at length i + 1 does."""
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(L, device=device)[None, :]
+    bound = fmt.quantized_length(i + 1)
+    return torch.cat([j < bound, (j >= bound) & (j <= i)], dim=1)
+
+
+class _WindowAttention:
+    """Stands in for transformers' ALL_ATTENTION_FUNCTIONS inside simulate_kv for a format with a float window:
+    K arrives as [codes ; float] (2L keys, from the patched apply_rotary_pos_emb), V is doubled here the same way,
+    and the window mask replaces the causal one."""
+
+    def __init__(self, fmt: KVFormat, head_dim: int):
+        self.fmt, self.D = fmt, head_dim
+
+    def get_interface(self, name, default):
+        return self
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        B, Hq, L, D = query.shape
+        if key.shape[2] != 2 * L:
+            raise ValueError("simulate_kv with a float window scores whole sequences in one forward (no past "
+                             "cache): call model(ids, use_cache=False).")
+        vr = value.to(self.fmt.dtype).to(value.dtype)
+        v2 = torch.cat([fake_quantize_kv(vr, self.fmt, D), vr], dim=2)
+        mask = window_mask(self.fmt, L, query.device)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key.to(query.dtype), v2.to(query.dtype),
+                                                               attn_mask=mask, scale=scaling,
+                                                               enable_gqa=Hq != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
+
+
 @contextlib.contextmanager
 def simulate_kv(model, fmt: KVFormat):
     """Inside the block, model(...) fake-quantizes V and K (before RoPE for fmt.rope == "pre", after it for
-    "post") exactly as the paged cache stores them. The model's own layers must not quantize K/V already."""
+    "post") exactly as the paged cache stores them. The model's own layers must not quantize K/V already.
+    A format with a float window (KVFormat.window / key_tokens) also replaces the attention: each query sees the
+    older tokens as codes and the newest ones in float (window_mask), for whole-sequence forwards."""
     import importlib
 
     c = model.config
     D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     mod = importlib.import_module(type(model.model.layers[0].self_attn).__module__)
-    hooks = []
     for layer in model.model.layers:
         a = layer.self_attn
         if any(isinstance(m, QuantLinear) and m.out_bits < 16 for m in (a.k_proj, a.v_proj)):
             raise ValueError("the model's k_proj/v_proj already fake-quantize K/V (kv_bits < 16): quantize it "
                              "with kv_bits=16 to simulate another KV format.")
+    if fmt.has_window:
+        with _simulate_window(mod, fmt, D):
+            yield model
+        return
+    hooks = []
+    for layer in model.model.layers:
+        a = layer.self_attn
         hooks.append(a.v_proj.register_forward_hook(lambda m, i, o: fake_quantize_kv(o, fmt, D)))
         if fmt.rope == "pre":
             hooks.append(a.k_proj.register_forward_hook(lambda m, i, o: fake_quantize_kv(o, fmt, D)))
@@ -279,3 +456,32 @@ def simulate_kv(model, fmt: KVFormat):
         mod.apply_rotary_pos_emb = original
         for h in hooks:
             h.remove()
+
+
+@contextlib.contextmanager
+def _simulate_window(mod, fmt: KVFormat, D: int):
+    """simulate_kv for a format with a float window: apply_rotary_pos_emb returns K as [codes ; float] along the
+    sequence (each rounded to fmt.dtype first, as the cache does), _WindowAttention does the rest."""
+    original_rope, original_attn = mod.apply_rotary_pos_emb, mod.ALL_ATTENTION_FUNCTIONS
+
+    def quant(k):  # k [B, H, L, D] in fmt.dtype's values
+        return fake_quantize_keys_channel(k, fmt) if fmt.key_tokens else fake_quantize_kv(k, fmt, D)
+
+    def rope_two_ways(q, k, cos, sin, *args, **kwargs):
+        def rnd(t):
+            return t.to(fmt.dtype).to(t.dtype)
+        if fmt.rope == "pre":
+            kr = rnd(k)
+            q2, k_float = original_rope(q, kr, cos, sin, *args, **kwargs)
+            _, k_codes = original_rope(q, quant(kr), cos, sin, *args, **kwargs)
+        else:
+            q2, k_rot = original_rope(q, k, cos, sin, *args, **kwargs)
+            k_float = rnd(k_rot)
+            k_codes = quant(k_float)
+        return q2, torch.cat([k_codes, k_float], dim=2)
+
+    mod.apply_rotary_pos_emb, mod.ALL_ATTENTION_FUNCTIONS = rope_two_ways, _WindowAttention(fmt, D)
+    try:
+        yield
+    finally:
+        mod.apply_rotary_pos_emb, mod.ALL_ATTENTION_FUNCTIONS = original_rope, original_attn

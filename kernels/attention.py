@@ -13,6 +13,10 @@ of the chunk (Atom's choice); see atom_lab.kv_cache.
 
 Storage layout (atom_lab.kv_cache.PagePool): a layer's K codes [S, Hkv, code_bytes] with slot S = page * page_size +
 offset, (scale, zero) float16 [S, Hkv, D/G, 2]; a float cache stores [S, Hkv, D] in float16/bfloat16.
+KIVI keys (key_tokens = Tg): K's pairs are float16 [S / Tg, Hkv, D, 2], one per channel per group of Tg slots.
+A float window (formats with window / key_tokens): each sequence's newest tokens [n_q, n) are unquantized in a ring
+k_win, v_win [num_windows * W, Hkv, D] (token p at row id * W + p % W). The decode kernel then runs twice, over
+the codes [0, n_q) and over the ring [n_q, n), and one LSE merge combines the splits of both.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_tensor, interpreting
-from .kv_cache import dequantize_kv_ref
+from .kv_cache import dequantize_kv_channel_ref, dequantize_kv_ref
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -39,17 +43,27 @@ def rope_ref(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scaling
 
 
 def gather_kv_ref(codes: torch.Tensor, sz: torch.Tensor | None, bits: int, pages: torch.Tensor, length: int,
-                  page_size: int) -> torch.Tensor:
-    """The first `length` tokens of one sequence as float32 [length, Hkv, D] (dequantized). pages: int [n_pages]."""
+                  page_size: int, key_tokens: int | None = None) -> torch.Tensor:
+    """The first `length` tokens of one sequence as float32 [length, Hkv, D] (dequantized). pages: int [n_pages].
+    key_tokens: Tg when sz holds KIVI per-channel pairs [S / Tg, Hkv, D, 2]."""
     pos = torch.arange(length, device=codes.device)
     slots = pages.long()[pos // page_size] * page_size + pos % page_size
     if bits >= 16:
         return codes[slots].float()
+    if key_tokens:
+        return dequantize_kv_channel_ref(codes[slots], sz[slots // key_tokens], bits)
     return dequantize_kv_ref(codes[slots], sz[slots], bits)
 
 
+def gather_window_ref(win: torch.Tensor, window_id: int, start: int, end: int, capacity: int) -> torch.Tensor:
+    """Tokens [start, end) of one sequence's float window ring as float32 [end - start, Hkv, D]."""
+    pos = torch.arange(start, end, device=win.device)
+    return win[window_id * capacity + pos % capacity].float()
+
+
 def paged_decode_attention_ref(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, bits: int, page_size: int,
-                               sm_scale: float, rope: tuple | None = None) -> torch.Tensor:
+                               sm_scale: float, rope: tuple | None = None, key_tokens: int | None = None,
+                               window: tuple | None = None) -> torch.Tensor:
     """Reference decode attention.
 
     Args:
@@ -58,6 +72,9 @@ def paged_decode_attention_ref(q, k_codes, k_sz, v_codes, v_sz, page_table, leng
         page_table: int32 [B, max_pages] page ids (entries past a sequence's pages are ignored).
         lengths: int32 [B] tokens in each sequence (>= 1), including the one just written.
         rope: (inv_freq float32 [D/2], scaling) when K is stored before RoPE (rotated here at positions 0..len-1).
+        key_tokens: Tg for KIVI keys (k_sz float16 [S / Tg, Hkv, D, 2]), None for keys per token.
+        window: (k_win, v_win, window_ids int32 [B], quant_lengths int32 [B], capacity W) when the newest tokens
+            [quant_lengths[b], lengths[b]) sit in the float ring (module docstring); the codes hold [0, quant_len).
     Returns:
         float32 [B, Hq, D].
     """
@@ -65,8 +82,13 @@ def paged_decode_attention_ref(q, k_codes, k_sz, v_codes, v_sz, page_table, leng
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
     for b in range(B):
         n = int(lengths[b])
-        k = gather_kv_ref(k_codes, k_sz, bits, page_table[b], n, page_size)
-        v = gather_kv_ref(v_codes, v_sz, bits, page_table[b], n, page_size)
+        nq = int(window[3][b]) if window is not None else n
+        k = gather_kv_ref(k_codes, k_sz, bits, page_table[b], nq, page_size, key_tokens)
+        v = gather_kv_ref(v_codes, v_sz, bits, page_table[b], nq, page_size)
+        if window is not None:
+            wid, cap = int(window[2][b]), window[4]
+            k = torch.cat([k, gather_window_ref(window[0], wid, nq, n, cap)])
+            v = torch.cat([v, gather_window_ref(window[1], wid, nq, n, cap)])
         if rope is not None:
             k = rope_ref(k, torch.arange(n, device=q.device), *rope)
         rep = Hq // k.shape[1]
@@ -76,15 +98,18 @@ def paged_decode_attention_ref(q, k_codes, k_sz, v_codes, v_sz, page_table, leng
     return out
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a chunk's T queries over the sequence's first N = past + T keys (SDPA).
 
     q: [T, Hq, D]; k, v: [N, Hkv, D] (same float dtype as q) -> [T, Hq, D]. Query i sits at position N - T + i.
+    mask: bool [T, N] which keys each query sees, instead of the causal one (a float window: atom_lab.paged_model).
     """
     T, Hq, D = q.shape
     N, Hkv = k.shape[0], k.shape[1]
-    i = torch.arange(T, device=q.device)[:, None] + (N - T)
-    mask = torch.arange(N, device=q.device)[None, :] <= i  # [T, N]
+    if mask is None:
+        i = torch.arange(T, device=q.device)[:, None] + (N - T)
+        mask = torch.arange(N, device=q.device)[None, :] <= i  # [T, N]
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                          attn_mask=mask, scale=sm_scale, enable_gqa=Hq != Hkv)
     return out[0].transpose(0, 1)
@@ -95,8 +120,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _load_half(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-               BITS: tl.constexpr, mask):
-    """Rows `slot` [N] of head h -> (channels [0, D/2), channels [D/2, D)) as float32 [N, D/2] each, dequantized."""
+               BITS: tl.constexpr, mask, TG: tl.constexpr = 0):
+    """Rows `slot` [N] of head h -> (channels [0, D/2), channels [D/2, D)) as float32 [N, D/2] each, dequantized.
+    TG > 0: KIVI keys, the (scale, zero) of channel c of slot s at sz[s // TG, h, c]."""
     d = tl.arange(0, HALF)[None, :]
     row = slot[:, None] * Hkv + h
     m = mask[:, None]
@@ -113,7 +139,13 @@ def _load_half(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.conste
             clo = tl.load(codes_ptr + row * D + d, mask=m, other=0).to(tl.float32)
             chi = tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0).to(tl.float32)
         base = sz_ptr + row * (NG * 2)
-        if NG == 1:  # one (scale, zero) per token per head: broadcast, no per-channel loads
+        if TG > 0:
+            base = sz_ptr + ((slot[:, None] // TG) * Hkv + h) * (D * 2)
+            lo = (clo - tl.load(base + d * 2 + 1, mask=m, other=0.0).to(tl.float32)) * \
+                tl.load(base + d * 2, mask=m, other=0.0).to(tl.float32)
+            hi = (chi - tl.load(base + (d + HALF) * 2 + 1, mask=m, other=0.0).to(tl.float32)) * \
+                tl.load(base + (d + HALF) * 2, mask=m, other=0.0).to(tl.float32)
+        elif NG == 1:  # one (scale, zero) per token per head: broadcast, no per-channel loads
             s = tl.load(base, mask=m, other=0.0).to(tl.float32)
             z = tl.load(base + 1, mask=m, other=0.0).to(tl.float32)
             lo = (clo - z) * s
@@ -148,18 +180,24 @@ def _load_codes(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_ptr, inv_freq_ptr, o_ptr, lse_ptr,
-                         Hq, Hkv, max_pages, tokens_per_split, sm_scale, rope_scaling,
+def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_ptr, len_ptr, inv_freq_ptr, o_ptr,
+                         lse_ptr, Hq, Hkv, max_pages, tokens_per_split, sm_scale, rope_scaling, split0,
                          D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PAGE: tl.constexpr,
                          QPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
-                         NSPLIT: tl.constexpr):
-    # Program (b, h, sp): query heads h*QPK .. h*QPK+QPK-1 of sequence b over tokens [sp*TPS, (sp+1)*TPS).
+                         NSPLIT: tl.constexpr, KEY_TG: tl.constexpr, RING: tl.constexpr, HAS_START: tl.constexpr):
+    # Program (b, h, sp): query heads h*QPK .. h*QPK+QPK-1 of sequence b over tokens [t0, t0 + TPS) of its range
+    # [start_b, n_b); writes split split0 + sp of the (o, lse) buffers. RING: slot = pt[b, 0] * PAGE + t % PAGE
+    # (a float window, PAGE = its capacity) instead of a page-table lookup.
     b = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
     HALF: tl.constexpr = D // 2
     n = tl.load(len_ptr + b)
-    t0 = sp * tokens_per_split
+    if HAS_START:
+        first = tl.load(start_ptr + b)
+    else:
+        first = 0
+    t0 = first + sp * tokens_per_split
     t_end = tl.minimum(t0 + tokens_per_split, n)
     qi = tl.arange(0, BLOCK_Q)
     qmask = qi < QPK
@@ -176,7 +214,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_pt
     acc_hi = tl.zeros([BLOCK_Q, HALF], tl.float32)
     if ROPE:
         inv_freq = tl.load(inv_freq_ptr + d)
-    if BITS < 16 and D // G == 1 and not ROPE:
+    if BITS < 16 and D // G == 1 and not ROPE and KEY_TG == 0:
         # One (scale, zero) per token per head, keys after RoPE: no per-element dequantization at all. Scores
         # s_t * (q . c_t - z_t * sum(q)) from the raw codes, and the value scale folded into the probabilities:
         # sum_t p_t s_t (c_t - z_t) = (p * s) . C - sum_t p_t s_t z_t (vLLM's int4_per_token_head does the same).
@@ -204,9 +242,12 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_pt
         for start in range(t0, t_end, BLOCK_N):
             t = start + tl.arange(0, BLOCK_N)
             tmask = t < t_end
-            page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)  # the page table, per token
-            slot = page.to(tl.int64) * PAGE + t % PAGE
-            k_lo, k_hi = _load_half(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
+            if RING:
+                slot = tl.load(pt_ptr + b * max_pages).to(tl.int64) * PAGE + t % PAGE
+            else:
+                page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)  # page table, per token
+                slot = page.to(tl.int64) * PAGE + t % PAGE
+            k_lo, k_hi = _load_half(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask, KEY_TG)
             if ROPE:  # K stored before RoPE (Atom): rotate the dequantized halves at their positions
                 f = t.to(tl.float32)[:, None] * inv_freq[None, :]
                 c = tl.cos(f) * rope_scaling
@@ -225,6 +266,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_pt
             m_i = m_new
     valid = t0 < n
     l_safe = tl.where(l_i > 0, l_i, 1.0)
+    sp = split0 + sp
     orow = o_ptr + ((b * Hq + qh[:, None]) * NSPLIT + sp) * D
     tl.store(orow + d[None, :], acc_lo / l_safe[:, None], mask=qmask[:, None])
     tl.store(orow + HALF + d[None, :], acc_hi / l_safe[:, None], mask=qmask[:, None])
@@ -256,12 +298,15 @@ def merge_splits_ref(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, bits: int, page_size: int,
                            sm_scale: float, rope: tuple | None = None, num_splits: int | None = None,
                            max_length: int | None = None, block_n: int | None = None,
-                           num_warps: int = 4) -> torch.Tensor:
+                           num_warps: int = 4, key_tokens: int | None = None,
+                           window: tuple | None = None) -> torch.Tensor:
     """Triton split-KV decode attention; same arguments and result as paged_decode_attention_ref (float32 out).
 
     num_splits: KV splits per sequence (default: enough programs to fill the GPU; 1-2 on the CPU interpreter).
     max_length: an upper bound of `lengths` (default: the page table's capacity); no device read-back, so the
         call can be captured in a CUDA graph. block_n: tokens per loop step (default 64; 128 when interpreting).
+    key_tokens, window: KIVI keys and the float window (see paged_decode_attention_ref): the codes [0, n_q) and
+        the ring [n_q, n) are two launches of the same kernel writing disjoint splits of one LSE merge.
     """
     check_tensor(q, "q", (torch.float32, torch.float16, torch.bfloat16), dim=3)
     check_tensor(page_table, "page_table", torch.int32, dim=2)
@@ -277,7 +322,27 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
                          f"sequence of q ({B}).")
     if bits < 16 and k_codes.dtype != torch.uint8:
         raise TypeError(f"a {bits}-bit cache holds uint8 codes, got {k_codes.dtype}.")
-    G = D if bits >= 16 else D // k_sz.shape[2]
+    if key_tokens and (bits >= 16 or k_sz.shape[2] != D):
+        raise ValueError(f"key_tokens={key_tokens} needs a quantized cache whose key pairs are per channel "
+                         f"[S / Tg, Hkv, {D}, 2]; got bits={bits}, k_sz {None if k_sz is None else tuple(k_sz.shape)}.")
+    if not key_tokens and bits < 16 and k_sz.shape != v_sz.shape:
+        raise ValueError(f"k_sz {tuple(k_sz.shape)} and v_sz {tuple(v_sz.shape)} differ: KIVI per-channel key pairs "
+                         "need key_tokens=Tg (PagePool.key_tokens).")
+    if window is not None:
+        if len(window) != 5:
+            raise ValueError("window must be (k_win, v_win, window_ids, quant_lengths, capacity).")
+        k_win, v_win, win_ids, quant_len, cap = window
+        for name, w in (("k_win", k_win), ("v_win", v_win)):
+            check_tensor(w, name, (torch.float32, torch.float16, torch.bfloat16), dim=3)
+            if w.shape[1:] != (Hkv, D) or not isinstance(cap, int) or cap < 1 or w.shape[0] % cap:
+                raise ValueError(f"{name} {tuple(w.shape)} is not rings of capacity {cap!r} x [{Hkv}, {D}] "
+                                 "(PagePool.k_win[layer], PagePool.window_capacity).")
+        check_tensor(win_ids, "window ids", torch.int32, dim=1)
+        check_tensor(quant_len, "quant_lengths", torch.int32, dim=1)
+        if win_ids.shape[0] != B or quant_len.shape[0] != B:
+            raise ValueError(f"window ids {tuple(win_ids.shape)} and quant_lengths {tuple(quant_len.shape)} need one "
+                             f"entry per sequence of q ({B}).")
+    G = D if bits >= 16 else D // v_sz.shape[2]
     max_pages = page_table.shape[1]
     max_length = max_pages * page_size if max_length is None else max_length
     block_n = block_n or (128 if interpreting() else 64)
@@ -287,14 +352,27 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     tokens_per_split = -(-blocks // num_splits) * block_n
     num_splits = -(-max_length // tokens_per_split)
     qpk = Hq // Hkv
-    o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    win_splits, win_tps = 0, 0
+    if window is not None:
+        win_tps = -(-cap // block_n) * block_n
+        win_splits = 1
+    total = num_splits + win_splits
+    o = torch.empty(B, Hq, total, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, total, dtype=torch.float32, device=q.device)
     inv_freq, scaling = rope if rope is not None else (q, 1.0)
+    q = q.contiguous()
+    common = dict(D=D, QPK=qpk, BLOCK_Q=max(16, triton.next_power_of_2(qpk)), BLOCK_N=block_n,
+                  ROPE=rope is not None, NSPLIT=total, num_warps=num_warps)
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q.contiguous(), k_codes, k_sz if k_sz is not None else k_codes, v_codes, v_sz if v_sz is not None else v_codes,
-        page_table, lengths, inv_freq, o, lse, Hq, Hkv, max_pages, tokens_per_split, float(sm_scale), float(scaling),
-        D=D, G=G, BITS=bits, PAGE=page_size, QPK=qpk, BLOCK_Q=max(16, triton.next_power_of_2(qpk)), BLOCK_N=block_n,
-        ROPE=rope is not None, NSPLIT=num_splits, num_warps=num_warps)
+        q, k_codes, k_sz if k_sz is not None else k_codes, v_codes, v_sz if v_sz is not None else v_codes,
+        page_table, lengths, lengths if window is None else quant_len, inv_freq, o, lse, Hq, Hkv, max_pages,
+        tokens_per_split, float(sm_scale), float(scaling), 0, G=G, BITS=bits, PAGE=page_size,
+        KEY_TG=key_tokens or 0, RING=False, HAS_START=False, **common)
+    if window is not None:  # the float ring: tokens [n_q, n) of each sequence
+        _decode_split_kernel[(B, Hkv, 1)](
+            q, k_win, k_win, v_win, v_win, win_ids[:, None], quant_len, lengths, inv_freq, o, lse, Hq, Hkv, 1,
+            win_tps, float(sm_scale), float(scaling), num_splits, G=D, BITS=16, PAGE=cap, KEY_TG=0, RING=True,
+            HAS_START=True, **common)
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
-    _merge_kernel[(B * Hq,)](o, lse, out, D=D, NSPLIT=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))
+    _merge_kernel[(B * Hq,)](o, lse, out, D=D, NSPLIT=total, BLOCK_S=triton.next_power_of_2(total))
     return out

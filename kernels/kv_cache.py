@@ -145,3 +145,101 @@ def kv_write(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, sz: torc
     block_t = 64 if interpreting() else 4  # the interpreter pays per program: few, large ones there
     _kv_write_kernel[(triton.cdiv(T, block_t), H)](x.contiguous(), slots.contiguous(), codes, sz, T, H, D=D,
                                                     G=group_size, BITS=bits, BLOCK_T=block_t)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KIVI keys: one (scale, zero) per channel per group of Tg consecutive tokens
+# ---------------------------------------------------------------------------------------------------------------
+def quantize_kv_channel_ref(x: torch.Tensor, bits: int, token_group: int):
+    """x: float [M, H, D], M a multiple of Tg = token_group, rows of one group consecutive ->
+    (codes uint8 [M, H, code_bytes], sz float16 [M / Tg, H, D, 2]): each channel quantized over its Tg tokens."""
+    M, H, D = x.shape
+    xt = x.reshape(M // token_group, token_group, H, D).permute(0, 2, 3, 1)  # [M/Tg, H, D, Tg]
+    q, scale, zero = quantize_asymmetric(xt, bits, token_group)
+    q = q.permute(0, 3, 1, 2).reshape(M, H, D)
+    codes = pack_half_ref(q) if bits == 4 else q
+    return codes, torch.stack([scale[..., 0], zero[..., 0].to(torch.float16)], dim=-1)
+
+
+def dequantize_kv_channel_ref(codes: torch.Tensor, sz: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes uint8 [M, H, code_bytes] of M tokens, sz float16 [M, H, D, 2] the pair of each token's group ->
+    float32 [M, H, D]."""
+    q = unpack_half_ref(codes) if bits == 4 else codes
+    return (q.float() - sz[..., 1].float()) * sz[..., 0].float()
+
+
+def kv_write_channel_ref(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, bits: int,
+                         token_group: int) -> None:
+    """Write whole key groups, in place. x: float [M, H, D] (M a multiple of Tg; rows g*Tg .. g*Tg + Tg - 1 are one
+    group, their slots consecutive and the first a multiple of Tg); slots: int [M]; codes [S, H, code_bytes];
+    sz float16 [S / Tg, H, D, 2]."""
+    check_key_groups(x, slots, token_group)
+    c, s = quantize_kv_channel_ref(x, bits, token_group)
+    codes[slots.long()] = c
+    sz[slots.long()[::token_group] // token_group] = s
+
+
+def check_key_groups(x: torch.Tensor, slots: torch.Tensor, token_group: int) -> None:
+    """KIVI key rows come in whole groups of token_group rows whose slots are consecutive and start at a multiple of
+    token_group (one (scale, zero) row per group); anything else would mix tokens of two groups."""
+    if x.shape[0] % token_group:
+        raise ValueError(f"{x.shape[0]} rows are not whole groups of token_group={token_group}; write complete "
+                         "groups (the newest, incomplete group stays in the float window).")
+    if x.shape[0]:
+        g = slots.long().view(-1, token_group)
+        if bool((g[:, 0] % token_group).any()) or bool((g - g[:, :1] != torch.arange(token_group,
+                                                                                      device=g.device)).any()):
+            raise ValueError(f"slots of a key group must be {token_group} consecutive slots starting at a multiple "
+                             f"of token_group={token_group} (token_group must divide the page size).")
+
+
+@triton.jit
+def _kv_write_channel_kernel(x_ptr, slot_ptr, codes_ptr, sz_ptr, H, D: tl.constexpr, TG: tl.constexpr,
+                             BITS: tl.constexpr):
+    # Program (g, h): the TG rows of group g of head h; min / max per channel over the group's tokens.
+    g = tl.program_id(0)
+    h = tl.program_id(1)
+    maxq: tl.constexpr = 2 ** BITS - 1
+    r = tl.arange(0, TG)
+    d = tl.arange(0, D)
+    tok = g * TG + r
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    x = tl.load(x_ptr + (tok[:, None] * H + h) * D + d[None, :]).to(tl.float32)  # [TG, D]
+    lo = tl.minimum(tl.min(x, axis=0), 0.0)
+    hi = tl.maximum(tl.max(x, axis=0), 0.0)
+    scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(lo.shape, maxq, tl.float32)), _MIN_SCALE).to(tl.float16)
+    s32 = scale.to(tl.float32)
+    zero = tl.minimum(tl.maximum(tl.math.div_rn(-lo, s32), 0.0), maxq)
+    zero = (zero + _ROUND_MAGIC) - _ROUND_MAGIC
+    y = tl.math.div_rn(x, s32[None, :])
+    y = tl.minimum(tl.maximum(y, -2.0 * maxq), 2.0 * maxq)
+    y = (y + _ROUND_MAGIC) - _ROUND_MAGIC
+    q = tl.minimum(tl.maximum(y + zero[None, :], 0.0), maxq).to(tl.uint8)  # [TG, D]
+    grp = tl.load(slot_ptr + g * TG).to(tl.int64) // TG
+    szp = sz_ptr + (grp * H + h) * (D * 2) + d * 2
+    tl.store(szp, scale)
+    tl.store(szp + 1, zero.to(tl.float16))
+    row = slot * H + h
+    if BITS == 4:
+        lo_q, hi_q = tl.split(tl.permute(tl.reshape(q, (TG, 2, D // 2)), (0, 2, 1)))
+        tl.store(codes_ptr + row[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], lo_q | (hi_q << 4))
+    else:
+        tl.store(codes_ptr + row[:, None] * D + d[None, :], q)
+
+
+def kv_write_channel(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, bits: int,
+                     token_group: int) -> None:
+    """Triton twin of kv_write_channel_ref (bit-exact codes and scales); same arguments."""
+    check_kv_rows(x, slots, codes)
+    M, H, D = x.shape
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits}: KIVI keys are stored in 4 or 8 bits.")
+    check_key_groups(x, slots, token_group)
+    if D & (D - 1) or token_group & (token_group - 1):
+        raise ValueError(f"the kernel needs head_dim ({D}) and token_group ({token_group}) to be powers of two.")
+    if codes.shape[1:] != (H, code_bytes(bits, D)) or sz.shape[1:] != (H, D, 2):
+        raise ValueError(f"x rows [{H}, {D}] do not fit the key storage {tuple(codes.shape)} / {tuple(sz.shape)} "
+                         f"(bits={bits}, per-channel pairs [S / Tg, H, D, 2]).")
+    if M:
+        _kv_write_channel_kernel[(M // token_group, H)](x.contiguous(), slots.contiguous(), codes, sz, H, D=D,
+                                                        TG=token_group, BITS=bits)
