@@ -18,16 +18,16 @@ import atom_lab  # noqa: E402,F401
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from atom_lab.kernels import gemm_fp8, gemm_int4  # noqa: E402
+from atom_lab.kernels import gemm_fp8, gemm_gluon, gemm_int4  # noqa: E402
 
 D16 = [["tt.divisibility", 16]]
 
 
-def compile_kernel(fn, sig, constexprs, div16, num_warps, num_stages):
+def compile_kernel(fn, sig, constexprs, div16, num_warps, num_stages, source=None):
     names = fn.arg_names
     signature = {n: ("constexpr" if n in constexprs else sig[n]) for n in names}
     attrs = {(names.index(n),): D16 for n in div16}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    src = (source or triton.compiler.ASTSource)(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -85,8 +85,30 @@ def fp8(BM, BN, nw, ns, G=128, tma=False):
                   compile_kernel(gemm_fp8._fp8_group_gemm_kernel, FP8_SIG, ce, FP8_DIV, nw, ns))
 
 
+GLUON_SIG = dict(a4="*u8", as4="*fp16", a8="*i8", as8="*fp16", w4="*u8", ws4="*fp16", w8="*i8", ws8="*fp16",
+                 out="*fp16", res="*fp16", ws="*fp32", counters="*i32", M="i32", N="i32", KB="i32", KP="i32",
+                 s_a4="i32", s_as4="i32", s_a8="i32", s_as8="i32", s_w4="i32", s_ws4="i32", s_w8="i32", s_ws8="i32",
+                 s_om="i32", s_on="i32", s_rm="i32", s_rn="i32", M_BUCKET="i32")
+GLUON_DIV = ["a4", "as4", "a8", "as8", "w4", "ws4", "w8", "ws8", "out", "res", "ws", "counters", "KB", "KP", "s_a4",
+             "s_as4", "s_a8", "s_w4", "s_ws4", "s_w8", "s_on"]
+
+
+def gluon(swap, BM, BN, stages, split, G=128):
+    """The Gluon kernel (kernels/gemm_gluon.py) with one of its configurations."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    ce = dict(GROUP=G, BM=BM, BN=BN, GROUP_M=8, STAGES=stages, SPLIT=split, HAS_RES=False, num_warps=4)
+    return report(f"gluon swap{int(swap)} BM{BM} BN{BN} S{stages} split{split} G{G}",
+                  compile_kernel(gemm_gluon._w4a4_wgmma_kernel, GLUON_SIG, ce, GLUON_DIV, 4, 1, GluonASTSource))
+
+
 if __name__ == "__main__":
     print("triton", triton.__version__)
+    if gemm_gluon.AVAILABLE:
+        for cfg in gemm_gluon.CONFIGS + gemm_gluon.SWAP_CONFIGS:
+            gluon(*cfg)
+        gluon(False, 64, 64, 4, 1, G=64)
+    else:
+        print("no Gluon in this triton:", gemm_gluon.IMPORT_ERROR)
     fused(64, 16, 4, 4, 4)
     fused(128, 16, 4, 4, 4)
     fused(64, 16, 4, 4, 4, G=32)

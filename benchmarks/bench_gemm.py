@@ -1,4 +1,4 @@
-"""Benchmark of the W4A4 kernels against the libraries, on Llama-2-7B shapes, all in one run on one GPU.
+"""Benchmark of the W4A4 kernels against the libraries, on Llama-2-7B/13B and Qwen2.5-7B shapes, in one run on one GPU.
 
 What is timed (median of triton.testing.do_bench, L2 flushed before every run, random non-zero data; the primary
 numbers are replays of a CUDA graph of each call, i.e. GPU time; eager times and clean-L2 times are recorded too,
@@ -29,12 +29,17 @@ import torch  # noqa: E402
 
 from atom_lab import kernels  # noqa: E402
 from atom_lab.kernels import gemm as G  # noqa: E402
-from atom_lab.kernels import gemm_blockwise, gemm_fp8  # noqa: E402
+from atom_lab.kernels import gemm_blockwise, gemm_fp8, gemm_gluon  # noqa: E402
 from atom_lab.kernels import w4a4_gemm, w4a4_gemm_ref  # noqa: E402
 from benchmarks.common import (GRAPH_FAILURES, LLAMA2_7B, MS, QUICK_MS, SHAPES, bench_ms, copy_bandwidth_gbs,  # noqa: E402
                                device_facts, floors_us, library_fns, packed_inputs)
 
 GROUP, KEEPER = 128, 128
+# A model the kernels were not tuned on (issue 12: "other models' shapes will be checked"): Qwen2.5-7B, hidden 3584
+# (28 heads of 128, 4 KV heads: fused QKV 3584 + 2 x 512), MLP 18944.
+QWEN25_7B = [(3584, 3584, "o_proj"), (3584, 18944, "up/gate"), (18944, 3584, "down"), (3584, 4608, "qkv")]
+ALL_SHAPES = SHAPES + [("Qwen2.5-7B", *s) for s in QWEN25_7B]
+BAR_MODELS = ("7B", "13B")  # the bars are defined on Llama-2 shapes; the other model is reported beside them
 # Issue 12's bars, x cuBLAS bf16 in the same run: M <= 16 (2.5x on 4096/5120-wide shapes, 3.0x where K or N >= 11008),
 # M = 64-1024 (1.5x; 1.0x is the minimum), M >= 2048 (1.3x).
 BAR_SMALL, BAR_SMALL_WIDE, BAR_MID, BAR_LARGE = 2.5, 3.0, 1.5, 1.3
@@ -52,7 +57,7 @@ def host_us_per_call(fn, calls: int = 200) -> float:
     return (time.perf_counter() - t) / calls * 1e6
 
 
-def bench_gemms(ms, log=print, shapes=SHAPES):
+def bench_gemms(ms, log=print, shapes=ALL_SHAPES, partial_path=None, lean=False):
     """Per shape and M: GPU time from CUDA-graph replays (the primary number, L2 flushed by do_bench before each
     replay) of cuBLAS bf16, the libraries, w4a4_gemm as dispatched (method=None) and every method side by side;
     the eager do_bench time, and for M <= 256 the clean-L2 GPU time (see benchmarks/common.py)."""
@@ -64,6 +69,9 @@ def bench_gemms(ms, log=print, shapes=SHAPES):
             x, w, a, wq = packed_inputs(M, K, N, GROUP, KEEPER)
             row = dict(model=model, layer=layer, K=K, N=N, M=M, method=G.choose_method(M, x.device))
             libs = library_fns(x, w)
+            if lean:  # cuBLAS bf16 (the baseline every ratio divides); FP8 per-tensor at the largest M (its peak)
+                keep = ("cublas_bf16", "scaled_mm_fp8") if M == ms[-1] else ("cublas_bf16",)
+                libs = {k: (v if k in keep else "not timed (--lean)") for k, v in libs.items()}
             for lib, fn in libs.items():
                 if callable(fn):
                     row[lib + "_ms"] = bench_ms(fn, graph=True)
@@ -77,10 +85,11 @@ def bench_gemms(ms, log=print, shapes=SHAPES):
                 row["rel_err_vs_ref"] = ((out.float() - ref).norm() / ref.norm()).item()
             ours = lambda: w4a4_gemm(a, wq)  # noqa: E731
             row["w4a4_ms"] = bench_ms(ours, graph=True)
-            row["config"] = G.last_config(M, row["method"])
+            row["config"] = G.last_config(M, row["method"], (N, K, KEEPER, GROUP))
             # Every method side by side (the dispatch above is one of them). fused at M >= 4096 is skipped: it runs
             # at 0.34-0.37x bf16 there (benchmarks/NOTES.md) and its autotuning would cost a minute of the run.
-            methods = {"fused": M <= 1024, "fp8": G.has_fp8_tensor_cores(x.device), "blockwise": blockwise_ok}
+            methods = {"fused": M <= 1024, "fp8": G.has_fp8_tensor_cores(x.device), "blockwise": blockwise_ok,
+                       "gluon": G.gluon_ok(x.device, GROUP)}
             for meth, ok in methods.items():
                 if not ok:
                     continue
@@ -95,17 +104,24 @@ def bench_gemms(ms, log=print, shapes=SHAPES):
                 if ref is not None:
                     row[f"rel_err_{meth}"] = ((o.float() - ref).norm() / ref.norm()).item()
                 row[f"{meth}_ms"] = bench_ms(fn, graph=True)
+                if meth == "gluon":
+                    row["gluon_config"] = G.last_config(M, "gluon", (N, K, KEEPER, GROUP))
             if blockwise_ok and methods["blockwise"]:
                 # The weights stored as the library's FP8 operand (prepared once): what the per-call unpack costs.
                 pa, pw = gemm_blockwise.prepare_fp8(a, "a"), gemm_blockwise.prepare_fp8(wq, "w")
                 row["blockwise_fp8_weights_ms"] = bench_ms(lambda: w4a4_gemm(a, wq, method="blockwise", w_fp8=pw),
                                                            graph=True)
+                # The dispatch with stored FP8 weights picks among the measured columns (no extra timing).
                 row["method_fp8_weights"] = G.choose_method(M, x.device, fp8_weights=True)
-                row["w4a4_fp8_weights_ms"] = bench_ms(lambda: w4a4_gemm(a, wq, w_fp8=pw), graph=True)
-                row["speedup_vs_bf16_fp8_weights"] = row["cublas_bf16_ms"] / row["w4a4_fp8_weights_ms"]
+                pick = row["method_fp8_weights"]
+                pick = "blockwise_fp8_weights" if pick == "blockwise" else pick
+                if row.get(f"{pick}_ms"):
+                    row["w4a4_fp8_weights_ms"] = row[f"{pick}_ms"]
+                    row["speedup_vs_bf16_fp8_weights"] = row["cublas_bf16_ms"] / row["w4a4_fp8_weights_ms"]
                 row["blockwise_lib_only_ms"] = bench_ms(lambda: gemm_blockwise.blockwise_gemm(pa, pw, torch.float16),
                                                         graph=True)
-                row["prepare_w_ms"] = bench_ms(lambda: gemm_blockwise.prepare_fp8(wq, "w"), graph=True)
+                if M == ms[0]:  # the weight unpack does not depend on M
+                    row["prepare_w_ms"] = bench_ms(lambda: gemm_blockwise.prepare_fp8(wq, "w"), graph=True)
                 row["fp8_weight_bytes"] = pw[0].nbytes + pw[1].nbytes
                 row["packed_weight_bytes"] = sum(t.nbytes for t in (wq.q4, wq.s4, wq.q8, wq.s8))
                 pa = pw = None
@@ -121,11 +137,11 @@ def bench_gemms(ms, log=print, shapes=SHAPES):
             for meth in list(methods) + ["blockwise_fp8_weights"]:
                 if row.get(f"{meth}_ms"):
                     row[f"{meth}_speedup_vs_bf16"] = base / row[f"{meth}_ms"]
-            if M in (1, 256):  # eager (host-bound) numbers: a few points suffice
+            if M in (1, 256) and not lean:  # eager (host-bound) numbers: a few points suffice
                 row["cublas_bf16_eager_ms"] = bench_ms(libs["cublas_bf16"])
                 row["w4a4_eager_ms"] = bench_ms(ours)
                 row["speedup_vs_bf16_eager"] = row["cublas_bf16_eager_ms"] / row["w4a4_eager_ms"]
-            if M <= 16:  # memory-bound: also time with a clean L2 (see benchmarks/common.py)
+            if M <= 16 and not lean:  # memory-bound: also time with a clean L2 (see benchmarks/common.py)
                 row["cublas_bf16_clean_l2_ms"] = bench_ms(libs["cublas_bf16"], flush="read", graph=True)
                 row["w4a4_clean_l2_ms"] = bench_ms(ours, flush="read", graph=True)
                 row["speedup_vs_bf16_clean_l2"] = row["cublas_bf16_clean_l2_ms"] / row["w4a4_clean_l2_ms"]
@@ -143,6 +159,9 @@ def bench_gemms(ms, log=print, shapes=SHAPES):
                 f"{row['w4a4_ms'] * 1e3:8.1f} us ({row['method']})  x{row['speedup_vs_bf16']:.2f}   [{side}]")
             x = w = a = wq = out = libs = ref = None  # free before the next shape
             torch.cuda.empty_cache()
+        if partial_path:  # what a run cut off by the device's time limit still leaves behind
+            with open(partial_path, "w") as f:
+                json.dump(rows, f)
     return rows
 
 
@@ -175,11 +194,13 @@ def small_m_bar(K: int, N: int) -> float:
     return BAR_SMALL_WIDE if max(K, N) >= 11008 else BAR_SMALL
 
 
-def bars(rows, quant, key="speedup_vs_bf16"):
+def bars(rows, quant, key="speedup_vs_bf16", models=BAR_MODELS):
     """Each bar of issue 12 per row: the ratio of w4a4_gemm as dispatched over cuBLAS bf16 in the same run
-    (key="speedup_vs_bf16_fp8_weights": the dispatch when the weights are also kept as FP8)."""
+    (key="speedup_vs_bf16_fp8_weights": the dispatch when the weights are also kept as FP8), on the rows of
+    `models` (None: every row)."""
     out = {"small_m": [], "mid_m": [], "large_m": [], "quantize": []}
-    rows = [dict(r, speedup_vs_bf16=r[key]) for r in rows if r.get(key)]
+    rows = [dict(r, speedup_vs_bf16=r[key]) for r in rows if r.get(key)
+            and (models is None or r.get("model", "7B") in models)]
     for r in rows:
         key, bar = (("small_m", small_m_bar(r["K"], r["N"])) if r["M"] <= 16 else
                     ("mid_m", BAR_MID) if 64 <= r["M"] <= 1024 else
@@ -204,8 +225,9 @@ def bars(rows, quant, key="speedup_vs_bf16"):
 
 
 METHOD_COLUMNS = [("fused", "fused INT4 (Triton)"), ("fp8", "FP8 (Triton)"), ("blockwise", "blockwise FP8 (cuBLASLt)"),
-                  ("blockwise_fp8_weights", "blockwise, FP8 weights stored")]
-GLUON_NOTE = "No Gluon kernel yet (issue 12 lever 2 not done): benchmarks/NOTES.md."
+                  ("blockwise_fp8_weights", "blockwise, FP8 weights stored"), ("gluon", "Gluon INT4 wgmma")]
+GLUON_NOTE = ("Gluon INT4 wgmma = kernels/gemm_gluon.py (in-kernel INT4 unpack into shared memory, one warpgroup, "
+              "the rescale of a group overlapping the next group's MMA); benchmarks/NOTES.md.")
 
 
 def markdown(res, lib_note: str | None = None) -> str:
@@ -248,27 +270,40 @@ def markdown(res, lib_note: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def speed_summary(res) -> str:
-    """README / notebook table: per M, the range over all shapes of each method's speed-up over cuBLAS bf16 (same
-    run), and of the method the dispatch of this checkout picks (select_method applied to the measured columns)."""
+def dispatch_pick(res, M: int) -> str:
+    """The method this checkout's select_method picks for M on the JSON's device (Gluon counted where it ran)."""
     cap = tuple(res.get("dispatch", {}).get("capability") or (9, 0))
     tv = gemm_blockwise.torch_version() if res["device"]["torch"] == torch.__version__ else \
         tuple(int(v) for v in res["device"]["torch"].split("+")[0].split(".")[:2])
-    cols = [(m, name) for m, name in METHOD_COLUMNS]
+    gluon = any(r.get("gluon_ms") for r in res["gemm"])
+    return G.select_method(M, cap, tv, gluon=gluon)
+
+
+def speed_summary(res, models=None) -> str:
+    """README / notebook table: per M, the range over the shapes of `models` (None: the Llama-2 shapes the bars
+    are defined on, then a second table for every other model in the run) of each method's speed-up over cuBLAS
+    bf16 (same run), and of the method the dispatch of this checkout picks (select_method applied to the measured
+    columns; where the library refused a shape the dispatch runs "fp8", and so does this table)."""
+    if models is None:
+        others = sorted({r.get("model", "7B") for r in res["gemm"]} - set(BAR_MODELS))
+        return "\n".join([speed_summary(res, BAR_MODELS)] + [speed_summary(res, (m,)) for m in others])
+    rows = [r for r in res["gemm"] if r.get("model", "7B") in models]
+    cols = [(m, name) for m, name in METHOD_COLUMNS if any(r.get(m + "_speedup_vs_bf16") for r in res["gemm"])]
+    names = " and ".join(("Llama-2-" + m if m in BAR_MODELS else m) for m in models)
     lines = [f"W4A4 GEMM vs cuBLAS bf16 on **{res['device']['device']}** (x = speed-up, min-max over the "
-             f"{len({(r.get('model'), r['layer']) for r in res['gemm']})} Llama-2-7B/13B shapes, CUDA graphs, L2 "
-             f"flushed, one run; benchmarks/results/h200_w4a4_gemm.json):", "",
+             f"{len({(r.get('model'), r['layer']) for r in rows})} {names} shapes, CUDA graphs, L2 flushed, one "
+             f"run):", "",
              "| M | dispatch picks | x dispatch | " + " | ".join(f"x {n}" for _, n in cols) + " |",
              "|---:|---|---:|" + "---:|" * len(cols)]
-    for M in sorted({r["M"] for r in res["gemm"]}):
-        rs = [r for r in res["gemm"] if r["M"] == M]
-        pick = G.select_method(M, cap, tv)
-        key = {"fused": "fused", "fp8": "fp8", "blockwise": "blockwise"}[pick]
 
-        def span(vals):
-            vals = [v for v in vals if v]
-            return f"{min(vals):.2f}-{max(vals):.2f}" if vals else "-"
-        lines.append(f"| {M} | {pick} | {span(r.get(key + '_speedup_vs_bf16') for r in rs)} | "
+    def span(vals):
+        vals = [v for v in vals if v]
+        return f"{min(vals):.2f}-{max(vals):.2f}" if vals else "-"
+    for M in sorted({r["M"] for r in rows}):
+        rs = [r for r in rows if r["M"] == M]
+        pick = dispatch_pick(res, M)
+        picked = [r.get(pick + "_speedup_vs_bf16") or r.get("fp8_speedup_vs_bf16") for r in rs]
+        lines.append(f"| {M} | {pick} | {span(picked)} | "
                      + " | ".join(span(r.get(m + "_speedup_vs_bf16") for r in rs) for m, _ in cols) + " |")
     return "\n".join(lines) + "\n"
 
@@ -307,16 +342,17 @@ def plot(res, path, suptitle: str | None = None, lib_title: str | None = None):
     for bar, ls in ((BAR_SMALL_WIDE, "--"), (BAR_MID, "-."), (BAR_LARGE, ":")):
         axes[0].axhline(bar, color="black", ls=ls, lw=0.8)
     axes[0].set_title("w4a4_gemm as dispatched (bars: 3.0 / 1.5 / 1.3)")
-    axes[1].set_title(lib_title or "each method, median over the 8 shapes")
+    axes[1].set_title(lib_title or f"each method, median over the {len(shapes)} shapes")
     axes[0].legend(fontsize=7, ncol=2)
     axes[1].legend(fontsize=8)
-    fig.suptitle(suptitle or f"{res['device']['device']}: Llama-2-7B and 13B linear layers, one run, GPU times")
+    fig.suptitle(suptitle or f"{res['device']['device']}: Llama-2-7B / 13B and Qwen2.5-7B linear layers, one run, "
+                             f"GPU times")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print) -> dict:
+def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print, lean=False) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("atom-lab bench needs a CUDA GPU: under the CPU interpreter timings mean nothing.")
     t0 = time.time()
@@ -324,7 +360,7 @@ def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print) ->
     info["copy_gbs"] = copy_bandwidth_gbs()
     log(f"{info['device']}: copy bandwidth {info['copy_gbs']:.0f} GB/s (read + write)")
     ms = QUICK_MS if quick else MS
-    rows = bench_gemms(ms, log)
+    rows = bench_gemms(ms, log, partial_path=json_path and json_path + ".partial", lean=lean)
     fp8_rates = [2 * r["M"] * r["N"] * r["K"] / r["scaled_mm_fp8_ms"] / 1e9 for r in rows if r["scaled_mm_fp8_ms"]]
     tc = max(fp8_rates) if fp8_rates else 1000.0
     for r in rows:
@@ -338,8 +374,13 @@ def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print) ->
     res["dispatch"] = dict(FP8_MIN_M=G.FP8_MIN_M, BLOCKWISE_MIN_M=G.BLOCKWISE_MIN_M,
                            capability=G.device_capability(torch.device("cuda")),
                            library_refused_fell_back_to_fp8=G.FALLBACKS[:20])
+    res["gluon"] = dict(available=gemm_gluon.AVAILABLE, import_error=gemm_gluon.IMPORT_ERROR,
+                        configs=gemm_gluon.CONFIGS,
+                        compile_errors={str(k): v for k, v in gemm_gluon.COMPILE_ERRORS.items()},
+                        chosen={str(k): v for k, v in gemm_gluon._BEST.items()})
     res["bars"] = bars(rows, quant)
     res["bars_fp8_weights"] = bars(rows, {}, "speedup_vs_bf16_fp8_weights")
+    res["bars_other_model"] = bars(rows, {}, models=tuple(sorted({r["model"] for r in rows} - set(BAR_MODELS))))
     res["markdown"] = markdown(res)
     res["summary_markdown"] = speed_summary(res)
     log(res["markdown"])
@@ -360,9 +401,11 @@ def main(argv=None):
     ap.add_argument("--plot", help="PNG of speed-ups (default: next to --json)")
     ap.add_argument("--markdown", help="write the README table here")
     ap.add_argument("--quick", action="store_true", help=f"M in {QUICK_MS} only")
+    ap.add_argument("--lean", action="store_true", help="skip the INT8/FP8 per-tensor library columns, the eager and "
+                    "the clean-L2 timings (they do not enter the bars); fits a short device lease")
     args = ap.parse_args(argv)
     plot_path = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
-    run(args.json, plot_path, args.markdown, args.quick)
+    run(args.json, plot_path, args.markdown, args.quick, lean=args.lean)
 
 
 if __name__ == "__main__":

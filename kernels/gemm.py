@@ -15,6 +15,10 @@ Methods (`method=`), the same function, each in its own module:
            block-scaled FP8 GEMM (GPUs with FP8 tensor cores: Hopper, Ada; the teaching kernel and the fallback).
   "blockwise" kernels/gemm_blockwise.py: the same FP8 operands (keepers as exact FP8 digit blocks) through torch's
            blockwise-scaled FP8 GEMM (cuBLASLt, SM90, torch >= 2.9; a PyTorch twin under the interpreter).
+  "gluon"  kernels/gemm_gluon.py: a Gluon (triton.experimental.gluon) kernel that unpacks the INT4 bytes in-kernel
+           into shared memory for Hopper's wgmma, with the fp32 rescale of one group overlapping the next group's
+           MMA (SM90 + a triton with Gluon). Its twin, the fused kernel without swap or split, runs under the
+           interpreter; tests/test_gemm_gluon.py pins the two together on the GPU.
 `method=None` chooses per GPU, torch version and M (`select_method`, a pure function; `choose_method` applies it). On the GPU triton.autotune picks tile shapes, split-K
 factor and pipeline depth per (shape, power-of-two M) among candidates taken from the sweeps (benchmarks/NOTES.md).
 The interpreter runs every method (tests), and every method runs compiled in tests/test_gemm.py on a GPU.
@@ -25,7 +29,7 @@ import os
 
 import torch
 
-from . import gemm_blockwise, gemm_fp8, gemm_int4
+from . import gemm_blockwise, gemm_fp8, gemm_gluon, gemm_int4
 from ._common import check_tensor, interpreting, pow2_at_least
 from .formats import PackedAtom
 from .gemm_fp8 import unpack_fp8  # noqa: F401  (part of this module's API: benchmarks time the unpack alone)
@@ -144,12 +148,12 @@ AUTOTUNE = os.environ.get("ATOM_LAB_AUTOTUNE", "1") != "0"
 FP8_MIN_M = 256
 BLOCKWISE_MIN_M = 1024
 STORED_MIN_M = 64  # with FP8 weights stored: the library GEMM alone ran 1.3-1.6x bf16 at M = 64, the fused 0.6-0.9x
-METHODS = ("fused", "fp8", "blockwise")
+METHODS = ("fused", "fp8", "blockwise", "gluon")
 FALLBACKS: list = []  # shapes the library refused under method=None (they ran "fp8" instead)
 
 
 def select_method(M: int, capability: tuple[int, int] | None, torch_ver: tuple[int, int],
-                  group_size: int = 128, fp8_weights: bool = False) -> str:
+                  group_size: int = 128, fp8_weights: bool = False, gluon: bool = False) -> str:
     """The method for M tokens on a GPU of compute `capability` (None: the CPU interpreter) under torch `torch_ver`.
 
     None         -> "fused" (the interpreter runs every method; this one is the cheapest there)
@@ -184,8 +188,10 @@ def has_fp8_tensor_cores(device) -> bool:
 
 
 def choose_method(M: int, device, group_size: int = 128, fp8_weights: bool = False) -> str:
-    """select_method for this device and the running torch."""
-    return select_method(M, device_capability(device), gemm_blockwise.torch_version(), group_size, fp8_weights)
+    """select_method for this device, the running torch and whether its triton runs the Gluon kernel."""
+    cap = device_capability(device)
+    return select_method(M, cap, gemm_blockwise.torch_version(), group_size, fp8_weights,
+                         gluon=cap is not None and gemm_gluon.gluon_supported(cap, group_size))
 
 
 def _interp_tiles(M: int, N: int):
@@ -197,12 +203,21 @@ def _interp_tiles(M: int, N: int):
     return BM, pow2_at_least(N, 16, max(256, 16384 // BM))
 
 
-def last_config(M: int, method: str) -> str:
-    """The configuration the autotuner used in the last GPU call for M tokens (for benchmark records)."""
+def gluon_ok(device, group_size: int) -> bool:
+    """The "gluon" method can run here: the interpreter (its twin), or an SM90 GPU with Gluon and G in (64, 128)."""
+    return group_size in (64, 128) and (interpreting() or gemm_gluon.gluon_supported(device_capability(device),
+                                                                                    group_size))
+
+
+def last_config(M: int, method: str, shape: tuple | None = None) -> str:
+    """The configuration the autotuner used in the last GPU call for M tokens (for benchmark records);
+    shape = (N, K, keeper, group) for the "gluon" method."""
     if not AUTOTUNE:
         return "untuned default"
     if method == "blockwise":
         return "cuBLASLt blockwise 1x128 (torch scaled_mm)"
+    if method == "gluon":
+        return "(BM, BN, stages) = " + str(gemm_gluon.best_config(M, *shape) if shape else None)
     if method == "fp8":
         tuner = gemm_fp8._fp8_tuner
     elif M <= gemm_int4.SWAP_CLASSES[-1][0]:
@@ -224,8 +239,9 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
         out_dtype: torch.float16, torch.bfloat16 or torch.float32.
         residual: optional [M, N] tensor (fp16/bf16/fp32) added in the epilogue.
         method: None (choose per GPU and M: select_method), "fused", "fp8" (needs FP8 tensor cores, or the
-            interpreter) or "blockwise" (the library's FP8 GEMM: SM90 + torch >= 2.9, or its PyTorch twin under the
-            interpreter; group size 128 only).
+            interpreter), "blockwise" (the library's FP8 GEMM: SM90 + torch >= 2.9, or its PyTorch twin under the
+            interpreter; group size 128 only) or "gluon" (SM90 + Gluon, G = 64 or 128; its plain-Triton twin
+            under the interpreter).
         check_finite: reject NaN/inf scales (one device sync); default on for CPU tensors only.
         w_fp8: optional gemm_blockwise.prepare_fp8(w, "w"), kept by the caller: the "blockwise" method then skips
             the per-call weight unpack, at the cost of ~1.06 bytes per weight more memory (FP8 codes + fp32 scales,
@@ -270,6 +286,10 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
                 raise ValueError(f"method='blockwise': {e}. Use method='fp8' or 'fused', or method=None.") from e
             FALLBACKS.append(str(e)[:300])  # the dispatch keeps our own FP8 kernel for such shapes
             method = "fp8"
+    if method == "gluon" and not gluon_ok(device, a.group_size):
+        raise ValueError(f"method='gluon' needs an SM90 GPU, a triton with Gluon and group_size 64 or 128 (got "
+                         f"capability {device_capability(device)}, group_size {a.group_size}"
+                         f"{'; ' + gemm_gluon.IMPORT_ERROR if gemm_gluon.IMPORT_ERROR else ''}); use method='fused'.")
     # The interpreter has no bf16 arithmetic: compute in fp32 there and cast with PyTorch.
     kernel_dtype = torch.float32 if interpreting() and out_dtype == torch.bfloat16 else out_dtype
     res = residual
@@ -278,10 +298,12 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
     out = torch.empty(M, N, dtype=kernel_dtype, device=device)
     if interpreting():
         BM, BN = _interp_tiles(M, N)
-        if method == "fused":
+        if method in ("fused", "gluon"):  # "gluon": its twin, the fused kernel without swap or split
             gemm_int4._launch_fused(a, w, out, res, False, BM, BN, 1, 4, 1)
         else:
             gemm_fp8._launch_fp8(a, w, out, res, BM, BN, 4, 1)
+    elif method == "gluon":
+        gemm_gluon.launch_tuned(a, w, out, res, autotune=AUTOTUNE)
     elif method == "fp8":
         gemm_fp8._launch_fp8_tuned(a, w, out, res, autotune=AUTOTUNE)
     elif M <= gemm_int4.SWAP_CLASSES[-1][0]:
