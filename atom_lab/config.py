@@ -41,6 +41,10 @@ class AtomConfig:
     gptq_block:       GPTQ lazy-update block (speed only).
     kv_bits:          KV cache bits (asymmetric, per token per head); 16 = off.
     kv_group_size:    channels per KV scale/zero; None = head_dim (Atom: one per token per head).
+    kv_rope:          when K is quantized relative to RoPE: "pre" (Atom: quantize K BEFORE RoPE and rotate it on
+                      read, in its decode kernel) or "post" (QuaRot/QServe, KIVI, vLLM: quantize the rotated K).
+                      The paged cache (KVFormat.from_config) and simulate_kv honour both; the in-layer fake
+                      quantization of k_proj's output (kv_bits < 16 in quantize_model) sits before RoPE, i.e. "pre".
     smooth_alpha:     SmoothQuant migration strength (0.5 in the paper) or None: no smoothing.
     rotation:         QuaRot-style rotation of the residual stream before calibration (atom_lab.rotation):
                       "hadamard" (randomised Hadamard), "random" (random orthogonal) or None.
@@ -65,6 +69,7 @@ class AtomConfig:
     gptq_block: int = 128
     kv_bits: int = 16
     kv_group_size: int | None = None
+    kv_rope: str = "pre"
     smooth_alpha: float | None = None
     group_fallback: bool = False
     rotation: str | None = None
@@ -98,6 +103,9 @@ class AtomConfig:
         kg = self.kv_group_size
         if kg is not None and (not isinstance(kg, int) or isinstance(kg, bool) or kg < 1):
             raise ValueError(f"kv_group_size={kg!r} must be a positive int dividing head_dim, or None (= head_dim).")
+        if self.kv_rope not in ("pre", "post"):
+            raise ValueError(f"kv_rope={self.kv_rope!r}: use 'pre' (quantize K before RoPE, Atom) or 'post' "
+                             "(after RoPE, QServe / KIVI / vLLM).")
         if not isinstance(self.gptq_block, int) or self.gptq_block < 1:
             raise ValueError(f"gptq_block={self.gptq_block!r} must be a positive int (128 is usual).")
         if self.gptq and self.w_bits == 16:

@@ -262,3 +262,13 @@ def test_window_errors():
     with pytest.raises(ValueError, match="capacity"):
         paged_decode_attention(q, kc, ksz, kc, vsz, pt, ln, 4, 32, 1.0, key_tokens=16,
                                window=(win, win, ln, ln, 4))
+
+
+def test_config_kv_rope():
+    """AtomConfig.kv_rope chooses pre-RoPE (Atom, default) or post-RoPE keys for the paged cache."""
+    cfg = atom_lab.AtomConfig.preset("atom")
+    assert cfg.kv_rope == "pre" and KVFormat.from_config(cfg).rope == "pre"
+    assert KVFormat.from_config(cfg.replace(kv_rope="post", kv_group_size=16)) == KVFormat(bits=4, group_size=16,
+                                                                                           rope="post")
+    with pytest.raises(ValueError, match="kv_rope"):
+        cfg.replace(kv_rope="after")
