@@ -51,7 +51,7 @@ def test_float_greedy_equals_transformers_generate(tiny, num_pages):
         # 1e-4 cannot flip, so equality is exact, not luck. The margin is checked so a changed seed fails loudly.
         assert margin > 1e-4
         assert o == ref
-    assert eng.block_manager.num_free == eng.runner.pool.num_pages
+    assert eng.block_manager.num_free == eng.block_manager.num_pages
 
 
 def test_quantized_batched_equals_one_at_a_time(tiny):

@@ -3,8 +3,8 @@ requests fit in a GPU memory budget.
 
 A format is (weights, activations, KV bits), e.g. W4A4-KV4 = Atom. Weight bytes count what the kernels store:
     fp16 / bf16   2 bytes per weight
-    w8a8          INT8 weights + one fp16 scale per output channel (SmoothQuant / torch._scaled_mm rowwise)
-    w4a16         INT4 + fp16 scale and 4-bit zero per group of 128 (GPTQ / AWQ layout)
+    w8a8          8-bit weights + one fp32 scale per output channel (torch._scaled_mm rowwise: serve/lowbit.py)
+    w4a16         INT4 + bf16 scale and bf16 zero per group of 128 (torch._weight_int4pack_mm: serve/lowbit.py)
     w4a4          Atom's packed format (kernels/formats.py): INT4 groups + `keeper` INT8 columns, fp16 scales
 Embeddings, the LM head and the norms stay fp16 in every format (as in Atom, QServe). KV bytes per token use the
 paged cache's byte format (kernels/kv_cache.py): per token, layer, K or V and KV head, 2 D bytes (fp16) or the codes
@@ -96,10 +96,10 @@ def linear_weight_bytes(n: int, k: int, fmt: Format) -> int:
     if fmt.weights in ("fp16", "bf16"):
         return 2 * n * k
     if fmt.weights == "w8a8":
-        return n * k + 2 * n
+        return n * k + 4 * n
     if fmt.weights == "w4a16":
         groups = -(-k // fmt.group_size)
-        return n * (k // 2) + n * groups * 2 + n * groups // 2  # codes, fp16 scales, 4-bit zeros
+        return n * (k // 2) + n * groups * 4  # codes, bf16 scale and zero per group
     normal = k - fmt.keeper
     return n * (normal // 2 + 2 * (normal // fmt.group_size) + fmt.keeper + 2)
 

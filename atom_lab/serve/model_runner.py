@@ -7,18 +7,23 @@ block manager's pages are the pool's pages: the runner allocates the whole pool 
 block manager, so a sequence's PageTable is just (its pages, how many tokens are written).
 
 Memory is held to a budget: pool bytes = budget - weights (the model's parameters and buffers as stored) - the
-activation reserve of the largest step (memory.activation_bytes); on a GPU the allocator's counters are checked
-after the pool is built (check_budget).
+activation reserve of the largest step (memory.activation_bytes; on a GPU the larger of that and the peak of one
+profiled prefill step, plus the decode graphs' share); check_budget reports the allocator's own counters.
 
-Not here (yet): CUDA-graph replay of decode steps. PagedDecoder.step builds its page tables on the host every step
-(Python lists -> tensors), which a captured graph cannot do; the runner runs eagerly on every device.
+Decode steps (one new token per sequence) run from static buffers (serve/decode_graph.py): on a GPU they replay a
+CUDA graph captured per batch-size bucket, on the CPU the same forward runs eagerly. Prefill steps, and decode steps
+of a sequence longer than max_model_len, run eagerly through PagedDecoder.step. One page of the pool is kept out
+of the block manager as the scratch page the padding rows of a bucket write to.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from atom_lab.kv_cache import KVFormat, PagePool, PageTable
 from atom_lab.paged_model import PagedDecoder
+from atom_lab.serve.decode_graph import StaticDecoder
 from atom_lab.serve.memory import ModelShape, activation_bytes
 from atom_lab.serve.request import Sequence, sample
 
@@ -45,11 +50,16 @@ class ModelRunner:
         page_size: tokens per page.
         max_tokens_per_step, max_num_seqs: the scheduler's caps (they size the activation reserve).
         kernels: "triton" / "reference" for the KV write and decode attention (PagedDecoder's default if None).
+        static_decode: run decode steps from static buffers (StaticDecoder); False = PagedDecoder.step always.
+        cuda_graphs: replay captured decode graphs (default: on a CUDA device, when static_decode).
+        max_model_len: tokens per sequence the static buffers hold (default: the model's max_position_embeddings,
+            at most the pool); longer sequences decode eagerly.
     """
 
     def __init__(self, model, kv: KVFormat, budget_bytes: float | None = None, num_pages: int | None = None,
                  page_size: int = 16, max_tokens_per_step: int = 2048, max_num_seqs: int = 64,
-                 kernels: str | None = None):
+                 kernels: str | None = None, static_decode: bool = True, cuda_graphs: bool | None = None,
+                 max_model_len: int | None = None):
         if (budget_bytes is None) == (num_pages is None):
             raise ValueError("pass exactly one of budget_bytes= (weights + KV pool + activations) or num_pages=.")
         self.model = model
@@ -57,6 +67,15 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.weight_bytes = model_bytes(model)
         self.activation_reserve = activation_bytes(self.shape, max_tokens_per_step, max_num_seqs)
+        self.measured_activations = None
+        if budget_bytes is not None and self.device.type == "cuda":
+            # The formula misses what the kernels allocate on the side (FP8 operand copies, attention workspaces,
+            # the decode graphs' pool): measure the largest prefill step with the allocator's counters instead and
+            # reserve the larger of the two, plus the decode graphs' share (their pool and static logits).
+            self.measured_activations = self._profile_prefill(kv, page_size, max_tokens_per_step, max_model_len,
+                                                              kernels)
+            graphs = max_num_seqs * (2 * self.shape.vocab * 4 + 8 * self.shape.intermediate * 2)
+            self.activation_reserve = max(self.activation_reserve, self.measured_activations) + graphs
         self.budget = budget_bytes
         if budget_bytes is not None:
             pool_bytes = int(budget_bytes) - self.weight_bytes - self.activation_reserve
@@ -65,17 +84,49 @@ class ModelRunner:
                                  f"{self.weight_bytes:.3g} B + activation reserve {self.activation_reserve:.3g} B; "
                                  "raise the budget, quantize the weights or lower max_tokens_per_step.")
             self.pool = PagePool.for_model(model, kv, page_size, budget_bytes=pool_bytes)
-        else:
-            self.pool = PagePool.for_model(model, kv, page_size, num_pages=num_pages)
+        else:  # num_pages for the sequences, plus the scratch page
+            self.pool = PagePool.for_model(model, kv, page_size, num_pages=num_pages + bool(static_decode))
         self.page_ids = self.pool.allocate(self.pool.num_pages)  # the block manager hands these out
         self.decoder = PagedDecoder(model, self.pool, kernels=kernels)
         self.vocab = model.config.vocab_size
+        self.static = None
+        if static_decode:
+            if len(self.page_ids) < 2:
+                raise ValueError("the KV pool holds one page: static decode needs a second one as scratch page; "
+                                 "raise the budget or pass static_decode=False.")
+            scratch = self.page_ids.pop()
+            cap = self.pool.capacity_tokens - page_size
+            max_len = max_model_len or min(cap, getattr(model.config, "max_position_embeddings", cap) or cap)
+            self.static = StaticDecoder(self.decoder, max_num_seqs, math.ceil(max_len / page_size), scratch,
+                                        cuda_graphs=cuda_graphs)
+
+    @torch.no_grad()
+    def _profile_prefill(self, kv, page_size, tokens, max_model_len, kernels) -> int:
+        """CUDA: bytes the largest prefill step (`tokens` tokens, in sequences of at most max_model_len) allocates
+        above what is live before it, by torch.cuda.max_memory_allocated, on a pool just big enough for it."""
+        cfg = self.model.config
+        max_len = max_model_len or getattr(cfg, "max_position_embeddings", None) or tokens
+        lens = [min(max_len, tokens - s) for s in range(0, tokens, max_len)]
+        pool = PagePool.for_model(self.model, kv, page_size, num_pages=sum(-(-n // page_size) for n in lens))
+        dec = PagedDecoder(self.model, pool, kernels=kernels)
+        tables = [PageTable(pool) for _ in lens]
+        ids = [torch.zeros(n, dtype=torch.long, device=self.device) for n in lens]
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        dec.step(tables, ids)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del dec, tables, pool
+        torch.cuda.empty_cache()
+        return int(peak)
 
     def check_budget(self) -> dict:
         """Weights + pool + reserve vs the budget; on a GPU also the allocator's own count of live bytes."""
         planned = self.weight_bytes + self.pool.nbytes + self.activation_reserve
         out = {"weights": self.weight_bytes, "kv_pool": self.pool.nbytes, "activation_reserve":
-               self.activation_reserve, "planned": planned, "budget": self.budget}
+               self.activation_reserve, "measured_prefill_activations": self.measured_activations,
+               "planned": planned, "budget": self.budget}
         if self.device.type == "cuda":
             out["cuda_allocated"] = torch.cuda.memory_allocated(self.device)
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
@@ -87,6 +138,11 @@ class ModelRunner:
     def run(self, batch: list[Sequence], is_prefill: bool) -> list[int]:
         """Compute the tokens of each sequence not yet in the cache (the whole prompt, or the newest token) and
         sample the next token of each. The block manager has already given every sequence its pages."""
+        if not is_prefill and self.static is not None:
+            pages = [s.pages for s in batch]
+            if all(len(s) - s.num_cached == 1 for s in batch) and self.static.fits(pages):
+                logits = self.static.decode(pages, [s.num_cached for s in batch], [s.tokens[-1] for s in batch])
+                return sample(logits, batch)
         tables = [PageTable(self.pool, pages=list(s.pages), length=s.num_cached) for s in batch]
         ids = [torch.tensor(s.tokens[s.num_cached:], dtype=torch.long, device=self.device) for s in batch]
         logits = self.decoder.step(tables, ids)

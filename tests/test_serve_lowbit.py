@@ -1,0 +1,90 @@
+"""W8A8 (torch._scaled_mm FP8) and W4A16 (torch._weight_int4pack_mm) linears of the serving benchmark
+(atom_lab/serve/lowbit.py): the library kernel == the float reference on the same stored codes, the stored bytes
+== the memory model's, bad shapes rejected; the same on a GPU when there is one."""
+import atom_lab  # noqa: F401
+
+import pytest
+import torch
+
+from atom_lab.serve.lowbit import FP8_MAX, FP8Linear, Int4Linear, convert_model, int4_levels, quantize_fp8_rows
+from atom_lab.serve.memory import Format, linear_weight_bytes
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def layer(n=96, k=256, seed=0, device="cpu", bias=False):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(k, n, bias=bias).to(device)
+
+
+def stored(m):
+    return sum(b.numel() * b.element_size() for name, b in m.named_buffers() if name != "bias")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_library_equals_reference(device):
+    lin = layer(device=device, bias=True)
+    x = torch.randn(7, 3, 256, device=device)
+    real, ref = FP8Linear(lin, real=True), FP8Linear(lin, real=False)
+    y, y_ref = real(x), ref(x)
+    assert y.shape == (7, 3, 96)
+    # Both sum the same exact FP8 products (at most 4 + 4 significant bits each) in fp32: they differ only by the
+    # order of the fp32 accumulation, bounded by K u sum|terms| (Higham) with u = 2^-24.
+    x8, sx = quantize_fp8_rows(x.reshape(-1, 256))
+    bound = ((x8.float().abs() * sx) @ (real.weight_fp8.float().abs() * real.weight_scale.T).T).reshape(7, 3, 96)
+    assert ((y - y_ref).abs() <= 256 * 2 ** -24 * bound + 1e-6).all()
+    # and the codes are the per-row e4m3 rounding: within 2^-3 relative of the float layer's weights (e4m3 has 3
+    # mantissa bits) and the row's largest weight maps to 448
+    w = lin.weight.detach().float()
+    deq = real.weight_fp8.float() * real.weight_scale.T
+    assert ((deq - w).abs() <= 2 ** -4 * w.abs() + real.weight_scale.T * 2 ** -9).all()
+    assert torch.allclose(real.weight_fp8.float().abs().amax(1), torch.full((96,), FP8_MAX, device=device))
+    assert stored(real) == linear_weight_bytes(96, 256, Format("w8a8", 8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4_library_equals_reference(device):
+    lin = layer(n=64, k=512, device=device)
+    x = torch.randn(5, 512, device=device, dtype=torch.bfloat16)
+    real, ref = Int4Linear(lin, 128, real=True), Int4Linear(lin, 128, real=False)
+    y, y_ref = real(x).float(), ref(x).float()
+    # The library kernel rounds its output to bf16 (8 significant bits); the reference is exact in fp32 before
+    # its own rounding to bf16: they may differ by the two roundings, 2 x 2^-8 of |y| (+ fp32 accumulation).
+    assert ((y - y_ref).abs() <= 2 ** -7 * y_ref.abs() + 1e-3).all()
+    # the levels: w within half a step of (q - 8) * scale + zero, q in 0..15
+    q, scale, zero = int4_levels(lin.weight.detach(), 128)
+    assert q.min() >= 0 and q.max() <= 15
+    w = lin.weight.detach().float().view(64, 4, 128)
+    rebuilt = (q.view(64, 4, 128) - 8) * scale[..., None] + zero[..., None]
+    assert ((rebuilt - w).abs() <= scale[..., None] / 2 * (1 + 1e-5)).all()
+    assert stored(ref) == linear_weight_bytes(64, 512, Format("w4a16", 16))
+    assert stored(real) == stored(ref)  # the library's packed layout holds the same 4 bits per weight
+
+
+def test_bad_shapes_and_formats():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        FP8Linear(torch.nn.Linear(24, 32))
+    with pytest.raises(ValueError, match="group"):
+        Int4Linear(torch.nn.Linear(256, 64), group=100)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        FP8Linear(torch.nn.Conv1d(16, 16, 1))
+    with pytest.raises(ValueError, match="expected 256"):
+        FP8Linear(torch.nn.Linear(256, 32))(torch.randn(2, 128))
+    with pytest.raises(ValueError, match="w4a16"):
+        convert_model(None, "w4a4")
+
+
+@pytest.mark.parametrize("weights", ["w8a8", "w4a16"])
+def test_convert_model_runs_and_counts(weights):
+    model = atom_lab.tiny_model("llama", seed=0, device="cpu")[0]
+    if weights == "w4a16":
+        model = model.to(torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 12))
+    ref = model(ids).logits.float()
+    convert_model(model, weights)
+    got = model(ids).logits.float()
+    assert got.isfinite().all()
+    # a 4- or 8-bit model is not the float model, but it is close to it on a random tiny model (the logits'
+    # correlation), and not identical (the layers really were replaced)
+    corr = torch.corrcoef(torch.stack([ref.flatten(), got.flatten()]))[0, 1]
+    assert corr > 0.9 and not torch.equal(ref, got)
