@@ -1,19 +1,29 @@
-"""Serving benchmark: the engine (atom_lab.serve) on Llama-2-7B shapes with RANDOM weights, each measured point
-beside the simulator's prediction for the same workload and pool.
+"""Serving benchmark: the engine (atom_lab.serve) on Llama-2-7B shapes with RANDOM weights (no model files travel to
+the GPU machine; throughput does not depend on the weights' values, only on their shapes and formats).
 
-    python -m benchmarks.bench_serving --json benchmarks/results/h200_serving.json     (a CUDA GPU)
-    python -m benchmarks.bench_serving --quick                                          (CPU: tiny model, smoke)
+    python -m benchmarks.bench_serving --json benchmarks/results/serve_h200.json      (a CUDA GPU)
+    python -m benchmarks.bench_serving --quick                                         (CPU: tiny model, smoke)
 
-Formats: fp16 (torch / cuBLAS linears), W4A4 (Atom's packed weights, our Triton kernels, round-to-nearest on
-random weights with an identity reorder: random weights have no outlier channels to sort), each with KV16 / KV8 /
-KV4 pages. W8A8 is simulated only: the library has no real W8A8 linear yet. Decode steps run eagerly (no CUDA
-graphs: PagedDecoder.step builds its page tables on the host). Workload per point: `batch` requests of QServe's
-1024-token prompt, `--out` new tokens each (512 in QServe's protocol; fewer here to fit one 10-minute run: say so).
-Throughput = generated tokens / wall time of the whole run (prefill included); latency = mean decode step time.
+Formats (weights-kvBITS): fp16 (torch / cuBLAS linears), w8a8 (FP8 e4m3 weights and per-token activations through
+torch._scaled_mm, serve/lowbit.py), w4a16 (INT4 weights through torch._weight_int4pack_mm, bf16 activations),
+w4a4 (Atom's packed weights through our Triton kernels; round-to-nearest with an identity reorder: random weights
+have no outlier channels to sort); each with KV16 / KV8 / KV4 pages of the chapter-05 cache.
+Decode steps replay CUDA graphs captured per batch-size bucket before the timed run (capture seconds reported
+apart); prefill runs eagerly. Workloads, all requests queued at t = 0:
+  sweep    `batch` requests of `--prompt` in / `--out` new tokens, pool sized to fit them all
+  budget   the largest batch of `--prompt` + `--budget-out` tokens that a memory budget holds (weights + KV pool +
+           activation reserve <= budget; the allocator's peak is recorded and compared with the budget)
+  lognorm  Atom's seeded lognormal prompt / output lengths (scipy lognorm(0.8, -1, 18)), 4x as many requests as the
+           budget holds at 2048 tokens each, that many running at most (how Atom chose its batch sizes)
+Throughput = generated tokens / wall time of the whole run (prefill included); decode_tokens_per_s counts decode
+steps only; latency = mean decode step time (= the per-token latency every running request sees).
+--check-graphs: greedy tokens and decode-step time of PagedDecoder.step (eager), the static step without graphs, and
+graph replay, on the same prompts.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
@@ -25,15 +35,16 @@ from atom_lab.kv_cache import KVFormat
 from atom_lab.qlinear import QuantLinear
 from atom_lab.recipe import SHARED_INPUTS
 from atom_lab.serve.engine import Engine
-from atom_lab.serve.hardware import H200
-from atom_lab.serve.memory import GIB, Format, ModelShape
+from atom_lab.serve.lowbit import convert_model
 from atom_lab.serve.request import SamplingParams
-from atom_lab.serve.sim import simulate
+from atom_lab.serve.sim import atom_lognormal_workload
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, head_dim=128, vocab_size=32000, max_position_embeddings=4096)
 TINY = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=2, head_dim=128, vocab_size=260, max_position_embeddings=512)
+PAGE = 16
+STEP_TOKENS = 4096
 
 
 def random_model(cfg: dict, dtype, device):
@@ -65,153 +76,272 @@ def to_w4a4(model, group: int = 128, keeper: int = 128):
     return model
 
 
-def run_point(model, kv_bits, batch, prompt, out, page_size, num_pages=None, budget=None):
-    kv = KVFormat(bits=kv_bits, dtype=torch.float16 if torch.cuda.is_available() else torch.float32)
-    eng = Engine(model, kv, budget_bytes=budget, num_pages=num_pages, page_size=page_size, max_num_seqs=batch,
-                 max_tokens_per_step=max(4096, prompt))
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, model.config.vocab_size, (prompt,), generator=g).tolist() for _ in range(batch)]
-    params = SamplingParams(max_new_tokens=out, ignore_eos=True)
-    decode_times, tokens = [], 0
-    for p in prompts:
-        eng.add_request(p, params)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    if torch.cuda.is_available():  # the budget check's peak must be this point's, not the process's
-        torch.cuda.reset_peak_memory_stats()
+def build_model(weights: str, cfg: dict, cuda: bool):
+    """A random Llama model with its block linears in `weights` format (fp16 and w4a4 in fp16, w4a16 in bf16: the
+    INT4 library kernel takes bf16 activations; w8a8 in fp16)."""
+    dtype = (torch.bfloat16 if weights == "w4a16" else torch.float16) if cuda else torch.float32
+    if weights == "w4a16" and not cuda:
+        dtype = torch.bfloat16
+    model = random_model(cfg, dtype, "cuda" if cuda else "cpu")
+    if weights == "w4a4":
+        return to_w4a4(model)
+    if weights in ("w8a8", "w4a16"):
+        return convert_model(model, weights)
+    return model
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+KV_ROPE = "post"  # main() sets it from --kv-rope
+
+
+def make_engine(model, kv_bits, max_num_seqs, num_pages=None, budget=None, graphs=True, static=True):
+    kv = KVFormat(bits=kv_bits, dtype=next(model.parameters()).dtype, rope=KV_ROPE)
+    cuda = torch.cuda.is_available()
+    before = torch.cuda.memory_allocated() if cuda else 0
+    eng = Engine(model, kv, budget_bytes=budget, num_pages=num_pages, page_size=PAGE, max_num_seqs=max_num_seqs,
+                 max_tokens_per_step=STEP_TOKENS, static_decode=static, cuda_graphs=graphs if cuda else False)
+    eng.bench_before = before  # live bytes before this engine existed (the model's weights, anything left over)
+    return eng
+
+
+def run(eng, workload, seed=0, capture_batches=None, outputs=None):
+    """Serve workload [(prompt, out), ...] on a fresh engine; returns the measured row (and appends each request's
+    generated ids to `outputs` when given)."""
+    vocab = eng.runner.vocab
+    capture_s = eng.runner.static.capture(capture_batches) if eng.runner.static is not None else 0.0
+    g = torch.Generator().manual_seed(seed)
+    seqs = [eng.add_request(torch.randint(0, vocab, (n,), generator=g).tolist(),
+                            SamplingParams(max_new_tokens=m, ignore_eos=True)) for n, m in workload]
+    dev = eng.runner.device
+    _sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        live0 = torch.cuda.memory_allocated(dev)
+    decode_times, prefill_s, tokens, decode_tokens, running = [], 0.0, 0, 0, 0
     t0 = time.perf_counter()
     while not eng.scheduler.is_finished:
         t = time.perf_counter()
-        b, _, _ = eng.step()
-        sync()
-        if eng.stats["steps"] > eng.stats["prefill_steps"] and len(b) and all(s.num_cached > prompt for s in b):
-            decode_times.append(time.perf_counter() - t)
-        tokens += len(b)
-    sync()
+        p0 = eng.stats["prefill_steps"]
+        batch, _, _ = eng.step()
+        _sync()
+        dt = time.perf_counter() - t
+        tokens += len(batch)
+        running = max(running, len(batch))
+        if eng.stats["prefill_steps"] > p0:
+            prefill_s += dt
+        else:
+            decode_times.append(dt)
+            decode_tokens += len(batch)
     wall = time.perf_counter() - t0
-    report = eng.runner.check_budget()
-    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-            "decode_latency_ms": 1e3 * sum(decode_times) / max(1, len(decode_times)),
-            "max_running": batch, "preemptions": eng.scheduler.num_preemptions,
-            "num_pages": eng.runner.pool.num_pages, "memory": report}
+    if outputs is not None:
+        outputs.extend(list(q.output) for q in seqs)
+    mem = eng.runner.check_budget()
+    if dev.type == "cuda":
+        mem["cuda_live_at_start"] = live0
+        mem["cuda_peak"] = torch.cuda.max_memory_allocated(dev)
+        mem["cuda_reserved"] = torch.cuda.memory_reserved(dev)
+        # what this engine and its model hold at the peak: the process's peak minus what was live before the engine
+        # was built other than the weights (a leftover of an earlier point must not count against this one)
+        mem["cuda_before_engine"] = eng.bench_before
+        mem["engine_peak"] = mem["cuda_peak"] - (eng.bench_before - eng.runner.weight_bytes)
+        if eng.runner.budget is not None:
+            mem["budget_held"] = mem["engine_peak"] <= eng.runner.budget
+            mem["budget_held_process"] = mem["cuda_peak"] <= eng.runner.budget
+    dsum = sum(decode_times)
+    st = eng.runner.static
+    return {"requests": len(workload), "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "decode_tokens_per_s": decode_tokens / dsum if dsum else None, "prefill_seconds": prefill_s,
+            "decode_steps": len(decode_times), "decode_latency_ms": 1e3 * dsum / max(1, len(decode_times)),
+            "first_decode_ms": 1e3 * decode_times[0] if decode_times else None,
+            "last_decode_ms": 1e3 * decode_times[-1] if decode_times else None,
+            "max_running": running, "preemptions": eng.scheduler.num_preemptions,
+            "num_pages": eng.block_manager.num_pages, "capture_seconds": capture_s,
+            "graph_replays": st.replays if st else 0, "static_eager_steps": st.eager_steps if st else 0,
+            "memory": mem}
+
+
+def check_graphs(model, kv_bits, batch, prompt, out):
+    """Eager PagedDecoder.step vs the static step without graphs vs graph replay, on the same greedy requests:
+    {mode: (measured row, generated ids per request)}."""
+    res = {}
+    pages = batch * -(-(prompt + out) // PAGE)
+    for mode, kw in (("paged_step", dict(static=False)), ("static_eager", dict(graphs=False)),
+                     ("graphs", dict(graphs=True))):
+        eng = make_engine(model, kv_bits, batch, num_pages=pages, **kw)
+        outputs = []
+        res[mode] = (run(eng, [(prompt, out)] * batch, capture_batches=[batch], outputs=outputs), outputs)
+        del eng
+        _free()
+    return res
 
 
 def main(argv=None):
+    import sys
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="tiny random model (CPU smoke run)")
+    ap.add_argument("--formats", default="fp16-kv16,fp16-kv8,fp16-kv4,w8a8-kv8,w8a8-kv16,w8a8-kv4,"
+                                         "w4a4-kv4,w4a4-kv16,w4a4-kv8,w4a16-kv16")
     ap.add_argument("--batches", default="8,32,64")
-    ap.add_argument("--formats", default="fp16-kv16,w4a4-kv4,w4a4-kv16,fp16-kv4")
+    ap.add_argument("--budgets", default="24,80", help="GB budgets for the largest-batch points")
+    ap.add_argument("--lognormal", default="24", help="GB budgets for Atom's lognormal-length points ('' = none)")
+    ap.add_argument("--lognormal-formats", default="fp16-kv16,w8a8-kv8,w4a4-kv4")
     ap.add_argument("--prompt", type=int, default=1024)
-    ap.add_argument("--out", type=int, default=32)
-    ap.add_argument("--budgets", default="24", help="GB budgets for the largest-batch points")
+    ap.add_argument("--out", type=int, default=128, help="new tokens per request in the batch sweep")
+    ap.add_argument("--budget-out", type=int, default=512, help="new tokens per request at the budget points")
+    ap.add_argument("--check-graphs", default="", help="batches for the eager / static / graph comparison")
+    ap.add_argument("--check-formats", default="fp16-kv16,w4a4-kv4,w8a8-kv8,w4a16-kv16")
+    ap.add_argument("--kv-rope", default="post", choices=["pre", "post"],
+                    help="K stored after RoPE (post: vLLM/QServe, the fast decode kernel) or before it (pre: Atom, "
+                         "rotated on every read; benchmarks/results/serve_h200.json was measured with pre)")
     ap.add_argument("--time-limit", type=float, default=520.0)
     args = ap.parse_args(argv)
+    global KV_ROPE
+    KV_ROPE = args.kv_rope
     start = time.perf_counter()
     cuda = torch.cuda.is_available()
     cfg = TINY if args.quick or not cuda else LLAMA2_7B
-    prompt, out = (16, 4) if args.quick else (args.prompt, args.out)
-    batches = [2, 4] if args.quick else [int(b) for b in args.batches.split(",")]
-    shape = ModelShape("llama-2-7b" if cfg is LLAMA2_7B else "tiny", cfg["hidden_size"], cfg["intermediate_size"],
-                       cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
-                       cfg["head_dim"], cfg["vocab_size"])
-    res = {"environment": atom_lab.environment(), "model": shape.name + " shapes, RANDOM weights",
-           "workload": f"{prompt} in / {out} out per request, all queued at t=0", "points": [],
-           "command": "python -m benchmarks.bench_serving " + " ".join(argv or __import__("sys").argv[1:])}
+    if args.quick:
+        args.prompt, args.out, args.budget_out, args.batches = 16, 4, 4, "2,4"
+    res = {"environment": atom_lab.environment(), "model": ("llama-2-7b" if cfg is LLAMA2_7B else "tiny") +
+           " shapes, RANDOM weights", "config": cfg, "page_size": PAGE, "max_tokens_per_step": STEP_TOKENS,
+           "workload": {"prompt": args.prompt, "sweep_out": args.out, "budget_out": args.budget_out},
+           "kv_rope": args.kv_rope,
+           "command": "python -m benchmarks.bench_serving " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "graph_checks": [], "points": [], "skipped": []}
+    if cuda:
+        res["environment"]["int4pack_mm"] = hasattr(torch, "_weight_int4pack_mm")
+        res["environment"]["capability"] = list(torch.cuda.get_device_capability())
 
     def save():
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1, default=str)
 
-    page = 16
-    models = {}
-    for name in args.formats.split(","):
-        w, kvb = name.split("-kv")
-        kvb = int(kvb)
-        if w not in models:
-            models.clear()
-            if cuda:
-                torch.cuda.empty_cache()
-            m = random_model(cfg, torch.float16 if cuda else torch.float32, "cuda" if cuda else "cpu")
-            models[w] = to_w4a4(m) if w == "w4a4" else m
-        model = models[w]
-        fmt = Format(w, kvb)
-        points = [(b, None) for b in batches] + [(None, float(g) * 1e9) for g in args.budgets.split(",") if g]
-        for batch, budget in points:
-            if time.perf_counter() - start > args.time_limit:
-                res.setdefault("skipped", []).append([name, batch, budget])
+    formats = [f for f in args.formats.split(",") if f]
+    checks = [f for f in args.check_formats.split(",") if f] if args.check_graphs else []
+    by_weights: dict[str, list[tuple[str, str]]] = {}
+    for f in checks:
+        by_weights.setdefault(f.split("-kv")[0], []).append(("check", f))
+    for f in formats:
+        by_weights.setdefault(f.split("-kv")[0], []).append(("bench", f))
+    for weights, jobs in by_weights.items():
+        if time.perf_counter() - start > args.time_limit:
+            res["skipped"].append([weights, "all"])
+            continue
+        _free()
+        t = time.perf_counter()
+        try:
+            model = build_model(weights, cfg, cuda)
+        except Exception as e:
+            res["points"].append({"format": weights, "error": f"build: {type(e).__name__}: {e}"[:500]})
+            print(weights, "BUILD ERROR", e, flush=True)
+            continue
+        res.setdefault("build_seconds", {})[weights] = time.perf_counter() - t
+        warm = False
+        for kind, name in jobs:
+            kvb = int(name.split("-kv")[1])
+            if not warm:  # compile / autotune the prefill shapes once per model, outside every timed run
+                try:
+                    run(make_engine(model, kvb, 4, num_pages=4 * -(-(args.prompt + 2) // PAGE)),
+                        [(args.prompt, 2)] * 4, capture_batches=[])
+                except Exception as e:
+                    print(name, "WARMUP ERROR", e, flush=True)
+                warm = True
+                _free()
+            if kind == "check":
+                for b in [int(x) for x in args.check_graphs.split(",")]:
+                    if time.perf_counter() - start > args.time_limit:
+                        res["skipped"].append([name, "check", b])
+                        continue
+                    row = {"format": name, "batch": b, "prompt": args.prompt, "out": 16}
+                    try:
+                        got = check_graphs(model, kvb, b, args.prompt, 16)
+                        toks = {m: [t for o in v[1] for t in o] for m, v in got.items()}
+                        row["graphs_equal_static_eager"] = toks["graphs"] == toks["static_eager"]
+                        same = sum(x == y for x, y in zip(toks["graphs"], toks["paged_step"]))
+                        row["graphs_vs_paged_step_same_tokens"] = [same, len(toks["graphs"])]
+                        row["decode_ms"] = {m: v[0]["decode_latency_ms"] for m, v in got.items()}
+                        row["capture_seconds"] = got["graphs"][0]["capture_seconds"]
+                        row["replays"] = got["graphs"][0]["graph_replays"]
+                        ms = row["decode_ms"]
+                        row["speedup_graphs_vs_paged_step"] = ms["paged_step"] / ms["graphs"]
+                        row["speedup_graphs_vs_static_eager"] = ms["static_eager"] / ms["graphs"]
+                        print(f"check {name} B={b}: graphs==static {row['graphs_equal_static_eager']}, same as "
+                              f"paged step {same}/{len(toks['graphs'])}, decode ms {ms}", flush=True)
+                    except Exception as e:
+                        row["error"] = f"{type(e).__name__}: {e}"[:500]
+                        print(name, "CHECK ERROR", row["error"], flush=True)
+                    res["graph_checks"].append(row)
+                    _free()
+                    save()
                 continue
-            row = {"format": name, "batch": batch, "budget_bytes": budget}
-            try:
-                if budget is None:
-                    num_pages = batch * (-(-(prompt + out) // page))
-                    meas = run_point(model, kvb, batch, prompt, out, page, num_pages=num_pages)
-                else:
-                    from atom_lab.serve.model_runner import ModelRunner
-                    probe = ModelRunner(model, KVFormat(bits=kvb, dtype=next(model.parameters()).dtype),
-                                        budget_bytes=budget, page_size=page, max_tokens_per_step=max(4096, prompt),
-                                        max_num_seqs=256)
-                    num_pages = probe.pool.num_pages
-                    del probe
-                    batch = min(256, num_pages // (-(-(prompt + out) // page)))
-                    row["batch"] = batch
-                    meas = run_point(model, kvb, batch, prompt, out, page, budget=budget)
-                row["measured"] = meas
-                sim = simulate(shape, fmt, H200, 200 * GIB, [(prompt, out)] * batch, max_num_seqs=batch,
-                               max_tokens_per_step=max(4096, prompt), page_size=page, num_pages=meas["num_pages"])
-                row["simulated"] = sim.as_dict()
-                row["sim_error"] = sim.tokens_per_s / meas["tokens_per_s"] - 1
-                print(f"{name:>10} batch {batch:>4}: {meas['tokens_per_s']:9.1f} tok/s measured, "
-                      f"{sim.tokens_per_s:9.1f} simulated ({100 * row['sim_error']:+.0f}%), decode step "
-                      f"{meas['decode_latency_ms']:.1f} ms (sim {sim.decode_latency_s * 1e3:.1f})", flush=True)
-            except Exception as e:  # keep the other points
-                row["error"] = f"{type(e).__name__}: {e}"[:500]
-                print(name, batch, "ERROR", row["error"], flush=True)
-            res["points"].append(row)
-            save()
+            points = [("budget", float(g)) for g in args.budgets.split(",") if g][:1]
+            points += [("sweep", int(b)) for b in args.batches.split(",")]
+            points += [("budget", float(g)) for g in args.budgets.split(",") if g][1:]
+            if name in args.lognormal_formats.split(","):
+                points += [("lognormal", float(g)) for g in args.lognormal.split(",") if g]
+            for kind2, v in points:
+                if time.perf_counter() - start > args.time_limit:
+                    res["skipped"].append([name, kind2, v])
+                    continue
+                row = {"format": name, "workload": kind2}
+                try:
+                    if kind2 == "sweep":
+                        row.update(batch=v, budget_bytes=None, prompt=args.prompt, out=args.out)
+                        per = -(-(args.prompt + args.out) // PAGE)
+                        eng = make_engine(model, kvb, v, num_pages=v * per)
+                        meas = run(eng, [(args.prompt, args.out)] * v, capture_batches=[v])
+                    else:
+                        budget = v * 1e9 if not args.quick else v * 1e6
+                        row.update(budget_bytes=budget, prompt=args.prompt)
+                        tokens_per_req = args.prompt + args.budget_out if kind2 == "budget" else 2048
+                        per = -(-tokens_per_req // PAGE)
+                        eng = make_engine(model, kvb, 256, budget=budget)
+                        batch = min(256, eng.block_manager.num_pages // per)
+                        if batch < 1:
+                            raise ValueError(f"no request of {tokens_per_req} tokens fits {v} GB")
+                        row["batch"] = batch
+                        if kind2 == "budget":
+                            row["out"] = args.budget_out
+                            meas = run(eng, [(args.prompt, args.budget_out)] * batch, capture_batches=[batch])
+                        else:
+                            del eng
+                            _free()
+                            eng = make_engine(model, kvb, batch, budget=budget)
+                            wl = atom_lognormal_workload(4 * batch, seed=0)
+                            row["lengths"] = {"mean_prompt": sum(p for p, _ in wl) / len(wl),
+                                              "mean_out": sum(o for _, o in wl) / len(wl)}
+                            meas = run(eng, wl, capture_batches=None)
+                    row["measured"] = meas
+                    mem = meas["memory"]
+                    print(f"{name:>10} {kind2:>9} B={row['batch']:>4}: {meas['tokens_per_s']:9.1f} tok/s "
+                          f"(decode {meas['decode_tokens_per_s'] or 0:9.1f}), step {meas['decode_latency_ms']:.2f} ms,"
+                          f" capture {meas['capture_seconds']:.1f} s, peak {mem.get('cuda_peak', 0) / 1e9:.2f} GB"
+                          f" held={mem.get('budget_held')}", flush=True)
+                except Exception as e:  # keep the other points
+                    row["error"] = f"{type(e).__name__}: {e}"[:500]
+                    print(name, kind2, v, "ERROR", row["error"], flush=True)
+                res["points"].append(row)
+                eng = None
+                _free()
+                save()
+        del model
+        _free()
+    res["total_seconds"] = time.perf_counter() - start
     save()
-    if args.json:
-        plot(args.json, args.json.rsplit(".", 1)[0] + ".png")
     return res
-
-
-def plot(path: str, png: str) -> None:
-    """Three panels from a results JSON: tokens/s vs batch, decode step latency vs batch (100 ms line), and the
-    fixed-budget points; measured solid, simulated dashed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = json.load(open(path))
-    pts = [p for p in res["points"] if "measured" in p]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name in dict.fromkeys(p["format"] for p in pts):
-        sweep = [p for p in pts if p["format"] == name and p["budget_bytes"] is None]
-        b = [p["batch"] for p in sweep]
-        line, = ax[0].plot(b, [p["measured"]["tokens_per_s"] for p in sweep], "o-", label=f"{name} measured")
-        ax[0].plot(b, [p["simulated"]["tokens_per_s"] for p in sweep], "x--", color=line.get_color(),
-                   label=f"{name} simulated")
-        ax[1].plot(b, [p["measured"]["decode_latency_ms"] for p in sweep], "o-", color=line.get_color())
-        ax[1].plot(b, [p["simulated"]["decode_latency_ms"] for p in sweep], "x--", color=line.get_color())
-    ax[1].axhline(100, color="k", lw=0.8, ls=":", label="100 ms tolerable latency")
-    fixed = [p for p in pts if p["budget_bytes"] is not None]
-    labels = [f"{p['format']}\nB={p['batch']}\n{p['budget_bytes'] / 1e9:.0f} GB" for p in fixed]
-    x = range(len(fixed))
-    ax[2].bar([i - 0.2 for i in x], [p["measured"]["tokens_per_s"] for p in fixed], 0.4, label="measured")
-    ax[2].bar([i + 0.2 for i in x], [p["simulated"]["tokens_per_s"] for p in fixed], 0.4, label="simulated")
-    ax[2].set_xticks(list(x), labels, fontsize=7)
-    for a, t, y in zip(ax, ["(a) throughput", "(b) per-token decode latency", "(c) fixed memory budget"],
-                       ["tokens/s", "ms per decode step", "tokens/s"]):
-        a.set_title(t)
-        a.set_ylabel(y)
-        a.legend(fontsize=7)
-    ax[0].set_xlabel("batch")
-    ax[1].set_xlabel("batch")
-    fig.suptitle(f"{res['model']}, {res['workload']}, {res['environment']['device']} (eager engine, no CUDA graphs)",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":
