@@ -271,12 +271,11 @@ def markdown(res, lib_note: str | None = None) -> str:
 
 
 def dispatch_pick(res, M: int) -> str:
-    """The method this checkout's select_method picks for M on the JSON's device (Gluon counted where it ran)."""
+    """The method this checkout's select_method picks for M on the JSON's device."""
     cap = tuple(res.get("dispatch", {}).get("capability") or (9, 0))
     tv = gemm_blockwise.torch_version() if res["device"]["torch"] == torch.__version__ else \
         tuple(int(v) for v in res["device"]["torch"].split("+")[0].split(".")[:2])
-    gluon = any(r.get("gluon_ms") for r in res["gemm"])
-    return G.select_method(M, cap, tv, gluon=gluon)
+    return G.select_method(M, cap, tv)
 
 
 def speed_summary(res, models=None) -> str:

@@ -140,20 +140,25 @@ def _check_inputs(a, w, out_dtype, residual, check_finite):
 # keeps the number of compiled variants small (the GPU test run).
 AUTOTUNE = os.environ.get("ATOM_LAB_AUTOTUNE", "1") != "0"
 
-# Thresholds in tokens, from the H200 runs (benchmarks/NOTES.md, benchmarks/results/h200_w4a4_gemm.json): below
-# FP8_MIN_M the fused kernel beats our Triton FP8 path, which must first write an FP8 copy of the weights (at M = 256
-# the FP8 path won on all 8 Llama-2 shapes, 0.43-0.54x vs 0.35-0.47x bf16; at M = 64 the fused kernel, 0.59-0.90x vs
-# 0.37-0.54x); the library's blockwise GEMM with its operands prepared per call beat our FP8 kernel at M = 1024 on
-# all 8 shapes (0.63-0.87x vs 0.59-0.81x) and above. Ada (8, 9) was never measured: it shares FP8_MIN_M.
+# Thresholds in tokens, from the H200 runs (benchmarks/NOTES.md; set from results/h200_w4a4_gemm.json, re-checked
+# by results/gemm_h200.json on 12 shapes of Llama-2-7B, 13B and Qwen2.5-7B, every method in one run): at M = 64 the
+# fused kernel beat every other method on 12 of 12 shapes (0.49-0.88x bf16; our FP8 0.30-0.55x, Gluon 0.31-0.82x);
+# at M = 256 our Triton FP8 path beat the fused kernel on 11 of 12 (0.40-0.53x vs 0.36-0.48x; the library 0.35-0.56x
+# won 4 of 12, Gluon 2); from M = 1024 the library's blockwise GEMM with its operands prepared per call beat our FP8
+# kernel on 11 of 12 (0.46-0.86x vs 0.52-0.82x) and all 12 at 4096-8192. The Gluon kernel beat the dispatch in 4 of
+# 96 cases, by 4-8% (M = 16 and 256 on 4096-wide layers), and ran 0.25-0.30x at M >= 1024: it is never picked.
+# Ada (8, 9) was never measured: it shares FP8_MIN_M.
 FP8_MIN_M = 256
 BLOCKWISE_MIN_M = 1024
-STORED_MIN_M = 64  # with FP8 weights stored: the library GEMM alone ran 1.3-1.6x bf16 at M = 64, the fused 0.6-0.9x
+# With FP8 weights stored: blockwise beat the fused kernel at M = 64 on 12 of 12 shapes (0.60-1.12x vs 0.49-0.88x),
+# at M = 16 on none.
+STORED_MIN_M = 64
 METHODS = ("fused", "fp8", "blockwise", "gluon")
 FALLBACKS: list = []  # shapes the library refused under method=None (they ran "fp8" instead)
 
 
 def select_method(M: int, capability: tuple[int, int] | None, torch_ver: tuple[int, int],
-                  group_size: int = 128, fp8_weights: bool = False, gluon: bool = False) -> str:
+                  group_size: int = 128, fp8_weights: bool = False) -> str:
     """The method for M tokens on a GPU of compute `capability` (None: the CPU interpreter) under torch `torch_ver`.
 
     None         -> "fused" (the interpreter runs every method; this one is the cheapest there)
@@ -164,6 +169,8 @@ def select_method(M: int, capability: tuple[int, int] | None, torch_ver: tuple[i
                  (w4a4_gemm keeps "fp8" where N % 16 != 0, which the library refuses); older torch: as Ada.
     fp8_weights=True (the caller keeps the weights as the library's FP8 operand, w4a4_gemm(w_fp8=...)): on (9, 0)
                  "blockwise" from STORED_MIN_M on, since no weight unpack is paid per call.
+    "gluon" is never picked: it was slower than the method above in 92 of 96 measured cases, and at most 8% faster
+                 in the other 4 (results/gemm_h200.json; benchmarks/NOTES.md).
     A pure function (no device query), so that every branch is unit-tested on a CPU.
     """
     if capability is None or tuple(capability) < (8, 9):
@@ -188,10 +195,8 @@ def has_fp8_tensor_cores(device) -> bool:
 
 
 def choose_method(M: int, device, group_size: int = 128, fp8_weights: bool = False) -> str:
-    """select_method for this device, the running torch and whether its triton runs the Gluon kernel."""
-    cap = device_capability(device)
-    return select_method(M, cap, gemm_blockwise.torch_version(), group_size, fp8_weights,
-                         gluon=cap is not None and gemm_gluon.gluon_supported(cap, group_size))
+    """select_method for this device and the running torch."""
+    return select_method(M, device_capability(device), gemm_blockwise.torch_version(), group_size, fp8_weights)
 
 
 def _interp_tiles(M: int, N: int):
