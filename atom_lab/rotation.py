@@ -148,6 +148,93 @@ def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Structured (Kronecker) rotations: what the fast online kernel applies
+# ---------------------------------------------------------------------------------------------------------------
+KRON_BLOCK = 128  # the fast Walsh-Hadamard transform of the kernel works on blocks of 128 channels
+
+
+def kron_order(n: int) -> int | None:
+    """m such that n = m x 128 with a Hadamard matrix of order m buildable here (1536 -> 12, 4096 -> 32), or None
+    (e.g. 11008 = 86 x 128: no Hadamard matrix of order 86 exists, 86 is not a multiple of 4)."""
+    if not isinstance(n, int) or n < KRON_BLOCK or n % KRON_BLOCK:
+        return None
+    m = n // KRON_BLOCK
+    return m if hadamard_order_ok(m) else None
+
+
+@functools.lru_cache(maxsize=1)
+def _block_hadamard() -> torch.Tensor:
+    return hadamard(KRON_BLOCK) / KRON_BLOCK ** 0.5  # float64 [128, 128], entries +-2^-3.5
+
+
+class KronRotation(torch.nn.Module):
+    """An orthogonal R = diag(signs) @ kron(A, H_128 / sqrt(128)) of order K = m x 128, applied without forming it.
+
+    With x [..., K] read as m blocks of 128 channels (x[..., i * 128 + j] = X[i, j]), x @ R = A.T @ ((X * S) @
+    H_128) / sqrt(128): a 128-point Walsh-Hadamard transform of every block (7 butterfly stages, K log 128 adds)
+    and a small m x m product across blocks, instead of K^2 multiply-adds. H_128 is Sylvester's (H[j, l] =
+    (-1)^popcount(j & l)); A is any orthogonal m x m matrix (hadamard(m) / sqrt(m) for QuaRot's randomised
+    Hadamard, or a random orthogonal one where no Hadamard of order m exists).
+
+    Buffers (non-persistent: saved by atom_lab.serialize, not by state_dict): signs float32 [K] of +-1, kron
+    float32 [m, m] = A. One instance is shared by every block's down_proj.
+    """
+
+    def __init__(self, signs: torch.Tensor, kron: torch.Tensor):
+        super().__init__()
+        if signs.dim() != 1 or kron.dim() != 2 or kron.shape[0] != kron.shape[1]:
+            raise ValueError(f"KronRotation needs signs [K] and a square kron [m, m], got {tuple(signs.shape)} and "
+                             f"{tuple(kron.shape)}.")
+        if signs.shape[0] != kron.shape[0] * KRON_BLOCK:
+            raise ValueError(f"signs has {signs.shape[0]} entries but kron [{kron.shape[0]}, {kron.shape[0]}] "
+                             f"rotates {kron.shape[0]} x {KRON_BLOCK} = {kron.shape[0] * KRON_BLOCK} channels.")
+        self.register_buffer("signs", signs.float().contiguous(), persistent=False)
+        self.register_buffer("kron", kron.float().contiguous(), persistent=False)
+
+    @property
+    def order(self) -> int:
+        return self.signs.shape[0]
+
+    def dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The matrix R: [K, K] in dtype (computed in float64)."""
+        h = _block_hadamard().to(self.kron.device)
+        return (self.signs.double()[:, None] * torch.kron(self.kron.double(), h)).to(dtype)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ R for x [..., K], in x's dtype (float32 / float64), by the structured product."""
+        K, m = self.order, self.kron.shape[0]
+        if x.shape[-1] != K:
+            raise ValueError(f"KronRotation of order {K} cannot rotate an input with {x.shape[-1]} channels.")
+        h = _block_hadamard().to(x.device, x.dtype)
+        z = (x * self.signs.to(x.dtype)).reshape(*x.shape[:-1], m, KRON_BLOCK) @ h
+        return torch.einsum("ik,...ic->...kc", self.kron.to(x.dtype), z).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"order={self.order} = {self.kron.shape[0]} x {KRON_BLOCK}"
+
+
+def kron_rotation(n: int, kind: str = "hadamard", seed: int = 0) -> KronRotation:
+    """A seeded structured rotation of order n = m x 128 (KronRotation): signs = random_signs(n, seed) and
+    A = hadamard(m) / sqrt(m) (kind="hadamard") or random_orthogonal(m, seed) (kind="random", any m).
+    Raises a ValueError naming n when n is not a multiple of 128, or (hadamard) has no Hadamard factor."""
+    if kind not in ROTATIONS:
+        raise ValueError(f"kind={kind!r} is not a rotation; use one of {ROTATIONS}.")
+    if not isinstance(n, int) or isinstance(n, bool) or n < KRON_BLOCK or n % KRON_BLOCK:
+        raise ValueError(f"n={n!r} must be a positive multiple of {KRON_BLOCK} for a structured rotation "
+                         f"(m x {KRON_BLOCK}); use rotation_matrix(n) (dense) for other sizes.")
+    m = n // KRON_BLOCK
+    if kind == "hadamard":
+        if not hadamard_order_ok(m):
+            raise ValueError(f"n={n} = {m} x {KRON_BLOCK} but no Hadamard matrix of order {m} can be built here; "
+                             f"use kind='random' (a random orthogonal {m} x {m} factor) or the dense "
+                             f"rotation_matrix({n}).")
+        a = hadamard(m) / m ** 0.5
+    else:
+        a = random_orthogonal(m, seed)
+    return KronRotation(random_signs(n, seed), a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Folding and rotating a model
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -167,28 +254,54 @@ def fold_rmsnorm(norm: torch.nn.Module, linears: list[torch.nn.Module]) -> None:
 
 class OnlineRotation:
     """A forward pre-hook rotating a module's input at run time: x [..., K] -> x @ Q, in float32 (float64 for a
-    float64 model). Q [K, K] is kept on the module as the non-persistent buffer `atom_online_rotation`: it moves
-    with the model and is not saved in its state_dict. The Triton backend fuses it into silu_mul_hadamard_quantize instead."""
+    float64 model). Q is the module's `atom_online_rotation`: a dense [K, K] non-persistent buffer or a
+    KronRotation submodule (applied without forming Q); either moves with the model, neither is in its state_dict
+    (atom_lab.serialize stores them). The Triton backend's FusedMLP bypasses the hook and fuses the rotation into
+    silu_mul_rotate_quantize (dense) / silu_mul_hadamard_quantize (structured) instead."""
 
     def __call__(self, module, args):
         q = module.atom_online_rotation
         x = args[0]
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp16 / bf16 inputs: rotate in float32
-        return ((x.to(dt) @ q.to(dt)).to(x.dtype),) + tuple(args[1:])
+        y = q.apply(x.to(dt)) if isinstance(q, KronRotation) else x.to(dt) @ q.to(dt)
+        return (y.to(x.dtype),) + tuple(args[1:])
 
 
-def add_online_rotation(module: torch.nn.Module, q: torch.Tensor) -> None:
-    """Rotate `module`'s input by q (float [K, K]) at run time (OnlineRotation), e.g. a down_proj whose weight was
-    already multiplied by q offline."""
-    weight = getattr(module, "weight", None)
-    dt = torch.float64 if weight is not None and weight.dtype == torch.float64 else torch.float32
-    module.register_buffer("atom_online_rotation", q.to(dt).contiguous(), persistent=False)
+def add_online_rotation(module: torch.nn.Module, q: torch.Tensor | KronRotation) -> None:
+    """Rotate `module`'s input by q at run time (OnlineRotation), e.g. a down_proj whose weight was already
+    multiplied by q offline. q: a dense float [K, K] (kept as the non-persistent buffer `atom_online_rotation`) or
+    a KronRotation (kept as the submodule `atom_online_rotation`, shared, not copied)."""
+    if getattr(module, "atom_online_rotation", None) is not None:
+        raise ValueError("module already has an online rotation; rotating its input twice would be wrong.")
+    if isinstance(q, KronRotation):
+        module.atom_online_rotation = q
+    else:
+        weight = getattr(module, "weight", None)
+        dt = torch.float64 if weight is not None and weight.dtype == torch.float64 else torch.float32
+        module.register_buffer("atom_online_rotation", q.to(dt).contiguous(), persistent=False)
     module.atom_online_rotation_hook = module.register_forward_pre_hook(OnlineRotation())
 
 
-def online_rotation(module: torch.nn.Module) -> torch.Tensor | None:
-    """The online rotation of a module's input (float32 [K, K]) or None."""
+def online_rotation(module: torch.nn.Module) -> torch.Tensor | KronRotation | None:
+    """The online rotation of a module's input (float32 [K, K] or a KronRotation) or None."""
     return getattr(module, "atom_online_rotation", None)
+
+
+def dense_rotation(q: torch.Tensor | KronRotation, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The matrix [K, K] of an online rotation, whichever form it is kept in."""
+    return q.dense(dtype) if isinstance(q, KronRotation) else q.to(dtype)
+
+
+def _down_rotation(down: torch.nn.Module, kind: str, seed: int) -> torch.Tensor | KronRotation:
+    """The online rotation of the down_proj inputs: a structured KronRotation (m x 128, the fast kernel) for
+    kind="hadamard" where a Hadamard factor of order m exists (SmolLM2's 1536 = 12 x 128), else the dense matrix
+    (Llama-2-7B's 11008 = 2 x 5504 Paley). ONE copy in the run-time dtype, shared by every block (a copy per layer
+    would be 32 x 485 MB for a dense 11008)."""
+    n = down.in_features
+    if kind == "hadamard" and kron_order(n) is not None:
+        return kron_rotation(n, kind, seed).to(down.weight.device)
+    dt = torch.float64 if down.weight.dtype == torch.float64 else torch.float32
+    return rotation_matrix(n, kind, seed).to(down.weight.device, dt).contiguous()
 
 
 @torch.no_grad()
@@ -198,7 +311,8 @@ def rotate_model(model, kind: str = "hadamard", seed: int = 0, online_down: bool
     Every RMSNorm (the two per block and the final one) is folded into its readers; a tied lm_head is untied
     (config.tie_word_embeddings = False); then embedding, readers, writers and lm_head are rotated as in the module
     docstring (in float64, rounded once to the model's dtype). With online_down, every down_proj input is also
-    rotated (its own matrix of order intermediate_size, seed + 1) by an OnlineRotation. model.atom_rotation records
+    rotated (its own matrix of order intermediate_size, seed + 1, structured where possible: _down_rotation) by
+    an OnlineRotation. model.atom_rotation records
     what was done. The float outputs are unchanged up to float rounding.
     """
     if kind not in ROTATIONS:
@@ -241,13 +355,11 @@ def rotate_model(model, kind: str = "hadamard", seed: int = 0, online_down: bool
         if online_down:
             down = b.mlp.down_proj
             if qd is None:
-                qd = rotation_matrix(down.in_features, kind, seed + 1)
-                # One copy in the run-time dtype, shared by every block's buffer (add_online_rotation keeps a tensor
-                # already of its dtype): a copy per layer would be 32 x 485 MB for Llama-2-7B's 11008.
-                dt = torch.float64 if down.weight.dtype == torch.float64 else torch.float32
-                q_online = qd.to(down.weight.device, dt).contiguous()
+                q_online = _down_rotation(down, kind, seed + 1)
+                qd = dense_rotation(q_online).to(down.weight.device)
             _set_weight(down, down.weight.double() @ qd)
             add_online_rotation(down, q_online)
     model.atom_rotation = {"kind": kind, "seed": seed, "hidden": H, "online_down": online_down,
-                           "down_order": blocks[0].mlp.down_proj.in_features if online_down else None}
+                           "down_order": blocks[0].mlp.down_proj.in_features if online_down else None,
+                           "down_structured": isinstance(q_online, KronRotation) if online_down else None}
     return model

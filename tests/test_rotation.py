@@ -9,8 +9,11 @@ import atom_lab
 from atom_lab import AtomConfig, QuantLinear, kl_divergence, quantize_model, set_backend
 from atom_lab.config import rotation_configs
 from atom_lab.kernels import silu_mul_ref, silu_mul_rotate_quantize, silu_mul_rotate_quantize_ref, unpack_int4
-from atom_lab.rotation import (fold_rmsnorm, hadamard, hadamard_order_ok, online_rotation, random_orthogonal,
-                               random_signs, rotate_model, rotation_matrix)
+from atom_lab.kernels.act_quant import (kron_dense, silu_mul_hadamard_quantize, silu_mul_hadamard_quantize_ref,
+                                       silu_mul_quantize)
+from atom_lab.rotation import (KronRotation, dense_rotation, fold_rmsnorm, hadamard, hadamard_order_ok, kron_order,
+                               kron_rotation, online_rotation, random_orthogonal, random_signs, rotate_model,
+                               rotation_matrix)
 
 DEV = atom_lab.default_device()
 TEXTS = [f"Article {i}: the {w} of {v} was measured at {i * 7} units, then again in {1900 + i}." * 6
@@ -106,7 +109,7 @@ def test_rotated_model_has_the_same_float_outputs(arch, tie, kind):
     assert not torch.equal(rot.model.embed_tokens.weight, model.model.embed_tokens.weight)  # it did rotate
     assert rot.atom_rotation["kind"] == kind and online_rotation(rot.model.layers[0].mlp.down_proj) is not None
     # one down_proj rotation matrix for all blocks, not a copy per layer
-    assert len({online_rotation(b.mlp.down_proj).data_ptr() for b in rot.model.layers}) == 1
+    assert len({id(online_rotation(b.mlp.down_proj)) for b in rot.model.layers}) == 1
     if tie:
         assert rot.lm_head.weight is not rot.model.embed_tokens.weight and not rot.config.tie_word_embeddings
     with pytest.raises(ValueError, match="already rotated"):
@@ -120,7 +123,7 @@ def _check_within_rounding(p, gate, up, rotation, index, G, keeper, clip):
     additions and one product rounding, a standard bound; the interpreter / tf32x3 accumulate in fp32). Returns the
     number of codes that differ from the exact reference (each is explained by the bound)."""
     v = silu_mul_ref(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])).double()
-    R = rotation.double()
+    R = dense_rotation(rotation).cpu()
     K = v.shape[1]
     y, err = (v @ R)[:, index.long()], ((v.abs() @ R.abs()) * (2 * K * 2.0 ** -24))[:, index.long()]
     y, err = y.cpu(), err.cpu()
@@ -205,6 +208,103 @@ def test_rotate_kernel_bad_inputs():
         silu_mul_rotate_quantize(gate * float("nan"), up, torch.eye(K).to(DEV), index, 64, 0, check_finite=True)
 
 
+# --- the structured (Kronecker) rotation and its fast kernel --------------------------------------------------------
+def test_kron_orders():
+    assert [kron_order(n) for n in (128, 256, 1536, 4096, 11008, 576, 640, 1000)] == [1, 2, 12, 32, None, None, None,
+                                                                                     None]
+
+
+@pytest.mark.parametrize("n,kind", [(256, "hadamard"), (1536, "hadamard"), (640, "random"), (1024, "random")])
+def test_kron_rotation_is_orthogonal_and_equals_its_dense_matrix(n, kind):
+    r = kron_rotation(n, kind, seed=5)
+    R = r.dense()
+    # the factors are stored in float32 (what the kernel reads), so R is orthogonal to float32 rounding
+    assert (R @ R.T - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-6
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    assert (r.apply(x) - x @ R).abs().max() < 1e-12 * x.abs().max() * n
+    assert torch.equal(R, kron_dense(r.signs, r.kron))  # the kernels' reference builds the same matrix
+    if kind == "hadamard":  # randomised Hadamard: diag(signs) @ kron(H_m, H_128) / sqrt(n), entries +-1/sqrt(n)
+        H = torch.round(R * n ** 0.5)
+        assert (R * n ** 0.5 - H).abs().max() < 1e-6 and torch.equal(H @ H.T, n * torch.eye(n, dtype=torch.float64))
+        assert torch.equal(H, r.signs.double()[:, None] * torch.kron(hadamard(n // 128), hadamard(128)))
+    assert not torch.equal(kron_rotation(n, kind, seed=6).dense(), R)  # seeded
+
+
+def test_kron_rotation_bad_sizes():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        kron_rotation(576)
+    with pytest.raises(ValueError, match="no Hadamard matrix of order 86"):
+        kron_rotation(11008)  # 86 is not a multiple of 4: no Hadamard matrix of that order exists at all
+    with pytest.raises(ValueError, match="kind="):
+        kron_rotation(256, "dct")
+    with pytest.raises(ValueError, match="rotates 2 x 128"):
+        KronRotation(torch.ones(128), torch.eye(2))
+
+
+@pytest.mark.parametrize("M,K,G,keeper,kind", [(1, 256, 64, 0, "hadamard"), (6, 1536, 64, 0, "hadamard"),
+                                               (7, 1536, 64, 128, "hadamard"), (3, 1536, 128, 0, "hadamard"),
+                                               (4, 512, 32, 0, "random"), (5, 384, 64, 128, "random")])
+def test_hadamard_kernel_equals_reference(M, K, G, keeper, kind):
+    g = torch.Generator().manual_seed(M * K)
+    gate = (torch.randn(M, K, generator=g) * 3).to(DEV)
+    up = torch.randn(M, K, generator=g).to(DEV)
+    up[:, 7] *= 200.0  # an outlier channel, which the rotation spreads over all channels
+    r = kron_rotation(K, kind, seed=1).to(DEV)
+    index = (torch.randperm(K, generator=g) if keeper else torch.arange(K)).to(DEV)  # keeper 0: the fused path
+    p = silu_mul_hadamard_quantize(gate, up, r.signs, r.kron, index, G, keeper, 0.9)
+    ref = silu_mul_hadamard_quantize_ref(gate, up, r.signs, r.kron, index, G, keeper, 0.9)
+    flips = _check_within_rounding(p, gate, up, r, index, G, keeper, 0.9)
+    assert flips <= max(2, M * K // 1000)
+    assert (p.q4 != ref.q4).float().mean() < 0.01 and (p.s4 != ref.s4).float().mean() < 0.01
+    # the same rotation as a dense matrix through the dense kernel: the same codes up to the same rare flips
+    dense = silu_mul_rotate_quantize(gate, up, r.dense(torch.float32).to(DEV), index, G, keeper, 0.9)
+    assert (p.q4 != dense.q4).float().mean() < 0.01
+    # and silu_mul_rotate_quantize dispatches a KronRotation to the fast kernel
+    via = silu_mul_rotate_quantize(gate, up, r, index, G, keeper, 0.9)
+    assert torch.equal(via.q4, p.q4) and torch.equal(via.s4, p.s4)
+
+
+def test_hadamard_kernel_catches_wrong_signs_and_an_unrotated_input():
+    K = 512
+    gate, up = torch.randn(4, K).to(DEV), torch.randn(4, K).to(DEV)
+    r = kron_rotation(K, "hadamard", seed=1).to(DEV)
+    index = torch.arange(K).to(DEV)
+    p = silu_mul_hadamard_quantize(gate, up, r.signs, r.kron, index, 64, 0)
+    with pytest.raises(AssertionError):
+        _check_within_rounding(p, gate, up, kron_rotation(K, "hadamard", seed=2), index, 64, 0, 1.0)
+    plain = silu_mul_quantize(gate, up, index, 64, 0)
+    assert (plain.q4 != p.q4).float().mean() > 0.5
+
+
+def test_hadamard_kernel_bad_inputs():
+    gate, up = torch.randn(2, 576).to(DEV), torch.randn(2, 576).to(DEV)
+    r = kron_rotation(512, seed=0).to(DEV)
+    with pytest.raises(ValueError, match="not a multiple of 128"):
+        silu_mul_hadamard_quantize(gate, up, torch.ones(576).to(DEV), torch.eye(4).to(DEV), torch.arange(576).to(DEV),
+                                   64, 0)
+    gate, up, index = torch.randn(2, 512).to(DEV), torch.randn(2, 512).to(DEV), torch.arange(512).to(DEV)
+    with pytest.raises(ValueError, match=r"kron must be \[m, m\] = \[4, 4\]"):
+        silu_mul_hadamard_quantize(gate, up, r.signs, torch.eye(3).to(DEV), index, 64, 0)
+    with pytest.raises(ValueError, match="signs must have K=512"):
+        silu_mul_hadamard_quantize(gate, up, r.signs[:256], r.kron, index, 64, 0)
+    with pytest.raises(TypeError, match="KronRotation"):
+        silu_mul_rotate_quantize(gate, up, object(), index, 64, 0)
+
+
+def test_rotate_model_uses_the_structured_rotation_where_it_exists():
+    # MLP 512 = 4 x 128: structured; the default tiny MLP 640 = 5 x 128 has no Hadamard factor of order 5: dense
+    for inter, structured in ((512, True), (640, False)):
+        model, _ = atom_lab.tiny_model("llama", intermediate_size=inter)
+        ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0)).to(DEV)
+        with torch.no_grad():
+            ref = model(ids).logits
+            rot = rotate_model(copy.deepcopy(model), "hadamard", seed=1)
+            out = rot(ids).logits
+        assert isinstance(online_rotation(rot.model.layers[0].mlp.down_proj), KronRotation) == structured
+        assert rot.atom_rotation["down_structured"] == structured
+        assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
 # --- presets, recipe and backends ------------------------------------------------------------------------------------
 def test_rotation_presets_and_rows():
     q, b = AtomConfig.preset("quarot"), AtomConfig.preset("atom+rotation")
@@ -215,8 +315,9 @@ def test_rotation_presets_and_rows():
 
 
 @pytest.mark.parametrize("preset", ["quarot", "atom+rotation"])
-def test_rotated_presets_on_both_backends(preset):
-    model, tok = atom_lab.tiny_model("llama", tie_word_embeddings=True)
+@pytest.mark.parametrize("inter", [640, 512])  # dense online rotation (5 x 128) / structured (4 x 128)
+def test_rotated_presets_on_both_backends(preset, inter):
+    model, tok = atom_lab.tiny_model("llama", tie_word_embeddings=True, intermediate_size=inter)
     model = model.to(DEV)
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3)).to(DEV)
     with torch.no_grad():
@@ -234,3 +335,29 @@ def test_rotated_presets_on_both_backends(preset):
     # same integers up to rare summation-order flips (test_rotate_kernel_equals_reference) and GEMM order: the two
     # backends are far closer to each other than either is to the float model
     assert kl_divergence(out_ref[0], out_tri[0]).item() < 0.1 * kl_divergence(ref[0], out_ref[0]).item()
+
+
+# --- save / load ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("inter", [512, 640])  # structured / dense online rotation
+def test_save_load_keeps_the_online_rotation(tmp_path, inter):
+    import json
+
+    from atom_lab.serialize import META_FILE, load_quantized, save_quantized
+    model, tok = atom_lab.tiny_model("llama", intermediate_size=inter, tie_word_embeddings=True)
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(4)).to(DEV)
+    q = quantize_model(copy.deepcopy(model), AtomConfig.preset("quarot", gptq=False), tokenizer=tok, **CHEAP)
+    save_quantized(q, tmp_path)
+    back, _ = load_quantized(tmp_path, device=DEV, backend="reference")
+    assert all(online_rotation(b.mlp.down_proj) is not None for b in back.model.layers)
+    assert len({id(online_rotation(b.mlp.down_proj)) for b in back.model.layers}) == 1  # shared, as before saving
+    r0, r1 = online_rotation(q.model.layers[0].mlp.down_proj), online_rotation(back.model.layers[0].mlp.down_proj)
+    assert isinstance(r1, KronRotation) == (inter == 512) and torch.equal(dense_rotation(r0), dense_rotation(r1))
+    assert back.atom_rotation == q.atom_rotation
+    with torch.no_grad():
+        assert torch.equal(q(ids, use_cache=False).logits, back(ids, use_cache=False).logits)
+    # a file without its online rotation (as older versions wrote) is refused instead of loading a wrong model
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    del meta["online_rotations"]
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="no online rotation"):
+        load_quantized(tmp_path, device=DEV)
