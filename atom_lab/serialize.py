@@ -9,6 +9,9 @@ A directory written by save_quantized(model, path) holds
                         the model dtype, the backend, each QuantLinear's settings (group size, clips, KV bits) and
                         the aliases;
     tokenizer files     when a tokenizer is given.
+A rotated model (quarot, atom+rotation) also stores its online rotations (the down_proj input's Hadamard, not part
+of state_dict): each distinct one once, under "atom_online_rotation.<i>.signs/.kron" (structured) or ".dense",
+with the layers using it listed in atom_lab.json; the residual-stream rotation is already inside the weights.
 load_quantized(path) builds the architecture from the saved model config with transformers (no calibration data,
 no GGUF, no float checkpoint), swaps in QuantLinear layers holding the saved buffers and loads the rest. The float
 w_ref cache of the reference backend is not stored: it is rebuilt exactly from the levels and scales, so the
@@ -28,10 +31,12 @@ from atom_lab._runtime import default_device
 from atom_lab.backend import set_backend
 from atom_lab.config import AtomConfig
 from atom_lab.qlinear import QuantLinear
+from atom_lab.rotation import KronRotation, add_online_rotation, online_rotation
 
 FORMAT = "atom_lab.quantized"
 VERSION = 1
 TENSORS_FILE, META_FILE = "model.safetensors", "atom_lab.json"
+ROTATION_PREFIX = "atom_online_rotation."
 _LAYER_BUFFERS = ("reorder", "bias", "packed_q4", "packed_s4", "packed_q8", "packed_s8", "w_q", "w_scale", "w_zero",
                   "w_float")
 
@@ -93,6 +98,18 @@ def save_quantized(model, path, tokenizer=None) -> dict:
             continue
         first[ident] = key
         tensors[key] = t.detach().to("cpu").contiguous()
+    rotations, rotation_ids = {}, {}
+    for n, m in layers.items():  # online rotations are not in state_dict: each distinct one stored once
+        r = online_rotation(m)
+        if r is None:
+            continue
+        j = rotation_ids.setdefault(id(r), len(rotation_ids))
+        rotations[n] = j
+        if isinstance(r, KronRotation):
+            tensors[f"{ROTATION_PREFIX}{j}.signs"] = r.signs.detach().cpu().contiguous()
+            tensors[f"{ROTATION_PREFIX}{j}.kron"] = r.kron.detach().cpu().contiguous()
+        else:
+            tensors[f"{ROTATION_PREFIX}{j}.dense"] = r.detach().cpu().contiguous()
     save_file(tensors, str(path / TENSORS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
     dtype = next(model.parameters()).dtype
     meta = {
@@ -105,6 +122,8 @@ def save_quantized(model, path, tokenizer=None) -> dict:
         "blocks_name": model.atom_blocks_name,
         "layers": {n: _layer_spec(m) for n, m in layers.items()},
         "aliases": aliases,
+        "online_rotations": rotations,
+        "rotation": getattr(model, "atom_rotation", None),
     }
     (path / META_FILE).write_text(json.dumps(meta, indent=1))
     if tokenizer is not None:
@@ -180,13 +199,29 @@ def load_quantized(path, device: str | torch.device | None = None, backend: str 
     tensors = load_file(str(path / TENSORS_FILE), device="cpu")
     for alias, key in meta["aliases"].items():
         tensors[alias] = tensors[key]  # the same tensor object: sharing is restored
+    rotations = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(ROTATION_PREFIX)]}
+    if config.rotation is not None and config.rotate_down and not meta.get("online_rotations"):
+        raise ValueError(f"{meta_file}: config {config.name!r} rotates the down_proj inputs online, but the file holds "
+                         "no online rotation (written by an older atom_lab, which dropped it); re-quantize and save "
+                         "the model again.")
+    built = {}
     for name, spec in meta["layers"].items():
-        _set_module(model, name, _quant_layer(name, spec, config, tensors))
+        layer = _quant_layer(name, spec, config, tensors)
+        j = meta.get("online_rotations", {}).get(name)
+        if j is not None:
+            if j not in built:  # one object per stored rotation, shared by its layers as before saving
+                p = f"{ROTATION_PREFIX}{j}."
+                built[j] = (KronRotation(rotations[p + "signs"], rotations[p + "kron"]) if p + "signs" in rotations
+                            else rotations[p + "dense"])
+            add_online_rotation(layer, built[j])
+        _set_module(model, name, layer)
     model.load_state_dict(tensors, strict=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     model.atom_config = config
     model.atom_blocks_name = meta["blocks_name"]
+    if meta.get("rotation") is not None:
+        model.atom_rotation = meta["rotation"]
     model.to(device or default_device()).eval()
     set_backend(model, backend or meta["backend"])
     tokenizer = None
