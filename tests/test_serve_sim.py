@@ -88,3 +88,19 @@ def test_tensor_parallel_70b():
 def test_profiles_have_what_the_chapter_says():
     assert H200.int4 is None and RTX4090.int4 is not None  # Hopper has no native INT4 MMA; Ada has
     assert set(GPUS) == {"H200", "H100 SXM", "A100 SXM 80GB", "RTX 4090"}
+
+
+def test_engine_constants_are_the_fit_of_the_committed_serving_json():
+    # KV efficiency (pre-RoPE) and the host times come from benchmarks/bench_serving_sim.py's least squares on the
+    # H200 fp16 batch sweep (train points only); the committed constants must be that fit, rounded.
+    import json
+
+    from benchmarks.bench_serving_sim import fit, shape_of
+    from atom_lab.serve.sim import KV_EFFICIENCY, PREFILL_OVERHEAD_S, STEP_OVERHEAD_S
+    res = json.load(open(RESULTS / "serve_h200.json"))
+    train = [p for p in res["points"] if p.get("workload") == "sweep" and "measured" in p]
+    params = fit(shape_of(res), train, res["kv_rope"])
+    assert {b: round(e, 3) for b, e in params["kv_efficiency"].items()} == {
+        b: KV_EFFICIENCY[("pre", b)] for b in (4, 8, 16)}
+    assert round(params["step_overhead_s"], 5) == STEP_OVERHEAD_S
+    assert round(params["prefill_overhead_s"], 3) == PREFILL_OVERHEAD_S

@@ -6,14 +6,14 @@ Cost model, per step (one prefill or one decode step of the scheduler's batch), 
     GEMM       time = max(FLOPs / peak(operand), bytes / bandwidth) / efficiency(format, M)
                efficiency fitted on our measured GEMMs (benchmarks/results/h100_w4a4_gemm.json: cuBLAS bf16,
                torch._scaled_mm FP8, torch._int_mm INT8 and our W4A4 kernel at M = 1..8192 on 4 Llama-7B shapes;
-               GEMM_EFFICIENCY, refit by fit_gemm_efficiency), interpolated in log2 M. The H200 has the same SMs
-               as the H100, so the H100 fit is used for it (ASSUMED until H200 GEMM JSONs are committed).
-    attention  decode: bytes of the KV read / bandwidth / efficiency(kv bits); prefill: causal FLOPs at the bf16
-               peak x 0.5 (ASSUMED). KV16 efficiency 0.9 (cuDNN SDPA reads 3.9-4.65 TB/s on the H200, NOTES.md);
-               KV8/KV4 0.5 (ASSUMED until the chapter-05 kernel's H200 numbers exist).
+               GEMM_EFFICIENCY, refit by fit_gemm_efficiency), interpolated in log2 M; on the H200 the fit of its own
+               JSON (h200_w4a4_gemm.json, GEMM_EFFICIENCY_H200).
+    attention  decode: bytes of the KV read / bandwidth / KV_EFFICIENCY[(rope, kv bits)] (measured / fitted, see
+               there); prefill: causal FLOPs at the bf16 peak x 0.5 (ASSUMED).
     other      norms, RoPE, residual adds, activation quantizers: bytes / bandwidth / 0.05 for the fused quantizers
                (0.028-0.067 of the copy bandwidth measured on the H200), plus a launch gap per kernel (2.5 us
-               under CUDA graphs, 6 us eager) and a host overhead per step (1 ms): ASSUMED.
+               under CUDA graphs, 6 us eager: ASSUMED) and the engine's host time per decode step and per prefilled
+               sequence (STEP_OVERHEAD_S, PREFILL_OVERHEAD_S: fitted on the H200 engine's fp16 sweep).
     tensor parallel (tp > 1): Megatron split (q/k/v, gate/up by columns, o/down by rows, heads and KV per GPU
                divided by tp) and two all-reduces of [M, hidden] per layer: 2 (tp - 1) / tp x bytes / NVLink
                bandwidth + 8 us each (ASSUMED latency).
@@ -40,13 +40,30 @@ GEMM_EFFICIENCY = {
     "int8": (0.536, 0.529, 0.434, 0.546, 0.884, 0.888, 0.91),
     "w4a4": (0.29, 0.282, 0.177, 0.258, 0.588, 0.766, 0.752),
 }
+# The same fit on the H200's own GEMM JSON (benchmarks/results/h200_w4a4_gemm.json, 8 Llama-2 7B/13B shapes), relative
+# to the H200 profile's measured peaks (hardware.H200): CostModel uses it on the H200, the H100 fit elsewhere.
+GEMM_EFFICIENCY_H200 = {
+    "bf16": (0.625, 0.63, 0.637, 0.763, 1.001, 1.026, 1.014),
+    "fp8": (0.511, 0.513, 0.524, 0.664, 0.979, 0.999, 1.002),
+    "int8": (0.511, 0.513, 0.37, 0.615, 0.84, 0.9, 0.854),
+    "w4a4": (0.251, 0.228, 0.149, 0.265, 0.637, 0.879, 0.917),
+}
 # The H100 peaks the efficiencies are relative to (measured: NOTES.md "Hardware facts").
 H100_MEASURED = dict(bandwidth=3.0e12, bf16=730e12, int8=870e12, fp8=1200e12)
 W4A4_BYTES = 0.531  # bytes per weight of Atom's packed format at K = 4096 (memory.linear_weight_bytes)
 W4A16_FACTOR = 0.62  # gpt-fast: 4-bit weights reached 863 of bf16's 1397 GB/s on an A100 (NOTES.md): ASSUMED
-KV_EFFICIENCY = {16: 0.9, 8: 0.5, 4: 0.5}
+# Decode attention: KV bytes / bandwidth / efficiency, by (kv bits, where RoPE sits). "post" (K stored rotated):
+# h200_decode_attention_v3_quick.json, our kernel at batch 8-128, context 4k-16k: bf16 3.6-4.4 TB/s (0.86-1.0), INT4
+# 0.83-0.97 TB/s of INT4 bytes (0.20-0.23); INT8 not measured (ASSUMED between). "pre" (K rotated on every read,
+# Atom): FITTED on the H200 engine's fp16 sweep (benchmarks/bench_serving_sim.py, serve_sim_validation.json).
+KV_EFFICIENCY = {("post", 16): 0.9, ("post", 8): 0.3, ("post", 4): 0.2,
+                 ("pre", 16): 0.215, ("pre", 8): 0.099, ("pre", 4): 0.051}
+# (the kernel benchmark's own pre-RoPE INT4 number, 0.659 ms for 143 MB at batch 8 / context 4k, is 0.051 too)
 QUANT_EFFICIENCY, PLAIN_EFFICIENCY = 0.05, 0.3
-LAUNCH_GRAPH_S, LAUNCH_EAGER_S, STEP_OVERHEAD_S, ALLREDUCE_LATENCY_S = 2.5e-6, 6e-6, 1e-3, 8e-6
+LAUNCH_GRAPH_S, LAUNCH_EAGER_S, ALLREDUCE_LATENCY_S = 2.5e-6, 6e-6, 8e-6
+# Host time of the engine (fitted with the KV efficiencies above on the H200 fp16 sweep): per decode step (graph
+# replay, sampling, scheduling) and per sequence of an eager prefill step (PagedDecoder.step's per-sequence loop).
+STEP_OVERHEAD_S, PREFILL_OVERHEAD_S = 1.84e-3, 0.050
 KERNELS_PER_LAYER = {"fp16": 11, "bf16": 11, "w8a8": 15, "w4a16": 11, "w4a4": 12}
 
 
@@ -55,13 +72,16 @@ def gemm_roofline(M: int, N: int, K: int, weight_bytes: float, act_bytes: float,
     return max(2.0 * M * N * K / peak, (weight_bytes + act_bytes * M * K + 2.0 * M * N) / bandwidth)
 
 
-def fit_gemm_efficiency(path: str) -> dict[str, tuple[float, ...]]:
-    """Refit GEMM_EFFICIENCY from a bench_gemm JSON (rows with K, N, M and times in ms per kernel)."""
+def fit_gemm_efficiency(path: str, gpu: GPU | None = None) -> dict[str, tuple[float, ...]]:
+    """Refit GEMM_EFFICIENCY (gpu None: relative to H100_MEASURED) or GEMM_EFFICIENCY_H200 (gpu=hardware.H200)
+    from a bench_gemm JSON (rows with K, N, M and times in ms per kernel)."""
     import json
 
     rows = json.load(open(path))["gemm"]
-    bw, cols = H100_MEASURED["bandwidth"], {"bf16": "cublas_bf16_ms", "fp8": "scaled_mm_fp8_ms",
-                                           "int8": "int_mm_int8_ms", "w4a4": "w4a4_ms"}
+    peaks = H100_MEASURED if gpu is None else dict(bandwidth=gpu.bandwidth, bf16=gpu.bf16, int8=gpu.int8,
+                                                     fp8=gpu.fp8)
+    bw, cols = peaks["bandwidth"], {"bf16": "cublas_bf16_ms", "fp8": "scaled_mm_fp8_ms",
+                                    "int8": "int_mm_int8_ms", "w4a4": "w4a4_ms"}
     specs = {"bf16": (2.0, 2.0, "bf16"), "fp8": (1.0, 1.0, "fp8"), "int8": (1.0, 1.0, "int8"),
              "w4a4": (W4A4_BYTES, W4A4_BYTES, "int8")}
     out = {}
@@ -69,7 +89,7 @@ def fit_gemm_efficiency(path: str) -> dict[str, tuple[float, ...]]:
         wb, ab, peak = specs[fmt]
         effs = []
         for m in GEMM_M:
-            e = [gemm_roofline(m, r["N"], r["K"], wb * r["N"] * r["K"], ab, H100_MEASURED[peak], bw)
+            e = [gemm_roofline(m, r["N"], r["K"], wb * r["N"] * r["K"], ab, peaks[peak], bw)
                  / (r[col] * 1e-3) for r in rows if r["M"] == m and r[col]]
             effs.append(round(float(np.median(e)), 3) if e else None)
         out[fmt] = effs
@@ -78,9 +98,10 @@ def fit_gemm_efficiency(path: str) -> dict[str, tuple[float, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
-def efficiency(kind: str, M: int) -> float:
-    """GEMM efficiency of `kind` ('bf16', 'fp8', 'int8', 'w4a4') at M rows, interpolated in log2 M."""
-    table = GEMM_EFFICIENCY[kind]
+def efficiency(kind: str, M: int, gpu_name: str = "") -> float:
+    """GEMM efficiency of `kind` ('bf16', 'fp8', 'int8', 'w4a4') at M rows, interpolated in log2 M (the H200's own
+    fit on the H200, the H100's elsewhere)."""
+    table = (GEMM_EFFICIENCY_H200 if gpu_name == "H200" else GEMM_EFFICIENCY)[kind]
     x = math.log2(max(1, M))
     return float(np.interp(x, [math.log2(m) for m in GEMM_M], table))
 
@@ -92,6 +113,11 @@ class CostModel:
     fmt: Format
     gpu: GPU
     tp: int = 1
+    rope: str = "post"                  # where the KV cache stores K relative to RoPE (KV_EFFICIENCY)
+    kv_efficiency: float | None = None  # override KV_EFFICIENCY[(rope, kv bits)]
+    step_overhead: float = STEP_OVERHEAD_S     # host seconds per decode step (graph replay)
+    prefill_overhead: float | None = PREFILL_OVERHEAD_S  # host seconds per sequence of an (eager) prefill step;
+                                                         # None = one step_overhead per prefill step
 
     def __post_init__(self):
         s = self.shape
@@ -111,7 +137,7 @@ class CostModel:
     def gemm_time(self, M: int, N: int, K: int) -> float:
         kind, peak, wb, ab = self._gemm_kind()
         weight = linear_weight_bytes(N, K, self.fmt)
-        t = gemm_roofline(M, N, K, weight, ab, peak, self.gpu.bandwidth) / efficiency(kind, M)
+        t = gemm_roofline(M, N, K, weight, ab, peak, self.gpu.bandwidth) / efficiency(kind, M, self.gpu.name)
         return t / W4A16_FACTOR if self.fmt.weights == "w4a16" else t
 
     def layer_gemms(self, M: int) -> float:
@@ -133,19 +159,19 @@ class CostModel:
                                                                                           context_lens))
             t["attention"] = s.layers * (flops / (g.bf16 * 0.5) + M * kv_layer_token / g.bandwidth)
         else:
-            t["attention"] = s.layers * sum(context_lens) * kv_layer_token / g.bandwidth / KV_EFFICIENCY[
-                self.fmt.kv_bits]
+            eff = self.kv_efficiency or KV_EFFICIENCY[(self.rope, self.fmt.kv_bits)]
+            t["attention"] = s.layers * sum(context_lens) * kv_layer_token / g.bandwidth / eff
         quantized = self.fmt.weights in ("w8a8", "w4a4")
         eff = QUANT_EFFICIENCY if quantized else PLAIN_EFFICIENCY
         elementwise = M * (6 * s.hidden + 3 * s.intermediate // tp) * 2
         launches = KERNELS_PER_LAYER[self.fmt.weights] * (LAUNCH_EAGER_S if prefill else LAUNCH_GRAPH_S)
         t["other"] = s.layers * (elementwise / g.bandwidth / eff + launches)
         t["lm_head"] = gemm_roofline(B, s.vocab // tp, s.hidden, 2 * s.vocab * s.hidden / tp, 2, g.bf16,
-                                     g.bandwidth) / efficiency("bf16", B)
+                                     g.bandwidth) / efficiency("bf16", B, g.name)
         if tp > 1:
             ar = 2 * (tp - 1) / tp * M * s.hidden * 2 / g.interconnect + ALLREDUCE_LATENCY_S
             t["allreduce"] = s.layers * 2 * ar
-        t["host"] = STEP_OVERHEAD_S
+        t["host"] = self.step_overhead if not prefill or self.prefill_overhead is None else self.prefill_overhead * B
         return t
 
 
@@ -172,6 +198,8 @@ class SimResult:
     preemptions: int
     breakdown: dict[str, float] = field(default_factory=dict)
     num_pages: int = 0
+    decode_breakdown: dict[str, float] = field(default_factory=dict)
+    prefill_seqs: int = 0  # sequences prefilled, summed over prefill steps
 
     @property
     def tokens_per_s(self) -> float:
@@ -185,16 +213,18 @@ class SimResult:
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": self.tokens_per_s,
                 "decode_latency_ms": 1e3 * self.decode_latency_s, "max_running": self.max_running,
-                "preemptions": self.preemptions, "breakdown_s": self.breakdown, "num_pages": self.num_pages}
+                "preemptions": self.preemptions, "breakdown_s": self.breakdown, "num_pages": self.num_pages,
+                "decode_breakdown_s": self.decode_breakdown}
 
 
 def simulate(shape: ModelShape, fmt: Format, gpu: GPU, budget_bytes: float, workload: list[tuple[int, int]],
              max_num_seqs: int = 256, max_tokens_per_step: int = 8192, page_size: int = 16,
-             tp: int = 1, num_pages: int | None = None) -> SimResult:
+             tp: int = 1, num_pages: int | None = None, **cost) -> SimResult:
     """Serve `workload` ((prompt, output) lengths, all queued at t = 0) with the engine's scheduler and the cost
     model; the KV pool gets what the memory plan leaves of budget_bytes (per GPU: weights and KV split tp ways), or
-    exactly num_pages pages when given (to mirror an engine run)."""
-    cost = CostModel(shape, fmt, gpu, tp)
+    exactly num_pages pages when given (to mirror an engine run). cost: CostModel fields (rope, kv_efficiency,
+    step_overhead, prefill_overhead)."""
+    cost = CostModel(shape, fmt, gpu, tp, **cost)
     p = plan(shape, fmt, budget_bytes * tp, tokens_per_request=1, tokens_per_step=max_tokens_per_step,
              max_batch_rows=max_num_seqs)
     bm = BlockManager(num_pages or int(p.tokens // page_size), page_size)
@@ -202,8 +232,9 @@ def simulate(shape: ModelShape, fmt: Format, gpu: GPU, budget_bytes: float, work
     for i, (n, m) in enumerate(workload):
         sched.add(Sequence([0] * n, SamplingParams(max_new_tokens=m, ignore_eos=True), request_id=i))
     clock = dec_time = 0.0
-    steps = tokens = max_running = 0
+    steps = tokens = max_running = prefill_seqs = 0
     breakdown: dict[str, float] = {}
+    dec_breakdown: dict[str, float] = {}
     while not sched.is_finished:
         batch, prefill = sched.schedule()
         new = [len(s) - s.num_cached for s in batch]
@@ -212,10 +243,14 @@ def simulate(shape: ModelShape, fmt: Format, gpu: GPU, budget_bytes: float, work
         for k, v in t.items():
             breakdown[k] = breakdown.get(k, 0.0) + v
         clock += dt
+        prefill_seqs += len(batch) if prefill else 0
         if not prefill:
             dec_time += dt
             steps += 1
+            for k, v in t.items():
+                dec_breakdown[k] = dec_breakdown.get(k, 0.0) + v
         max_running = max(max_running, len(sched.running))
         tokens += len(batch)
         sched.postprocess(batch, [0] * len(batch))
-    return SimResult(tokens, clock, steps, dec_time, max_running, sched.num_preemptions, breakdown, bm.num_pages)
+    return SimResult(tokens, clock, steps, dec_time, max_running, sched.num_preemptions, breakdown, bm.num_pages,
+                     dec_breakdown, prefill_seqs)
