@@ -45,8 +45,12 @@ def _show_figures_inline() -> None:
 _show_figures_inline()
 
 
+# Explorer redraws set this: their axes get the positions of the first drawing, no layout engine (see _live_figure).
+_free_layout = [False]
+
+
 def _figure(w: float, h: float, **kw) -> Figure:
-    return Figure(figsize=(w, h), dpi=DPI, layout="constrained", **kw)
+    return Figure(figsize=(w, h), dpi=DPI, layout=None if _free_layout[0] else "constrained", **kw)
 
 
 def by_layer(stats: Mapping[str, ChannelStats], blocks_name: str, module: str) -> dict[int, str]:
@@ -233,24 +237,81 @@ def _widgets():
     return ipywidgets, display
 
 
+def figure(w: float, h: float, **kw) -> Figure:
+    """A Figure of w x h inches in the course's style (constrained layout, no pyplot state); for notebooks'
+    own explorer drawings (notebook 03), so that `explorer` can freeze their layout like the ones here."""
+    return _figure(w, h, **kw)
+
+
 def _live_figure(widgets, controls: dict, draw):
-    """An Image widget redrawn as PNG whenever a control changes: draw(**values) -> Figure.
+    """An Image widget redrawn as PNG whenever a control changes: draw(**values) -> Figure (None: keep the image).
 
     A plain Image (no Output widget capturing display calls) keeps headless runs (nbval, nbconvert) simple and
-    works the same in JupyterLab, Notebook and Colab."""
+    works the same in JupyterLab, Notebook and Colab. Speed: the first drawing is laid out by matplotlib's
+    constrained layout; later drawings of the same shape reuse its axes positions instead of solving the layout
+    again, which halves a redraw's CPU time (0.7 -> 0.4 s for notebook 01's explorer on a shared 2-core CPU; the
+    issue's bar is 1 s). Same shape = same number of axes; anything else is laid out afresh."""
     image = widgets.Image(format="png")
+    frozen = {}
 
     def redraw(_change=None):
-        fig = draw(**{k: w.value for k, w in controls.items()})
-        if fig is not None:
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=DPI)
-            image.value = buf.getvalue()
+        values = {k: w.value for k, w in controls.items()}
+        _free_layout[0] = bool(frozen)
+        try:
+            fig = draw(**values)
+        finally:
+            _free_layout[0] = False
+        if fig is None:
+            return
+        boxes = frozen.get(len(fig.axes))
+        if frozen and boxes is None:  # a drawing of a new shape: draw it again, laid out
+            fig = draw(**values)
+        for ax, box in zip(fig.axes, boxes or []):
+            ax.set_position(box)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI)
+        if boxes is None:  # positions are final only after a draw
+            frozen[len(fig.axes)] = [ax.get_position() for ax in fig.axes]
+        image.value = buf.getvalue()
 
     for w in controls.values():
         w.observe(redraw, names="value")
     redraw()
     return image
+
+
+def explorer(controls: Mapping[str, object], draw, text: str, rows: Sequence[int] | None = None):
+    """Show controls (ipywidgets, by draw's argument names) above a figure that redraws when one changes.
+
+    draw(**values) -> Figure (from `figure`, not pyplot) or None. text: one line that stands in for the explorer
+    where no widget frontend renders it (nbval, plain nbconvert, GitHub's viewer, the saved notebook before it
+    runs): say what the explorer shows and its first setting's key numbers. rows: how many controls per row
+    (default: all in one row). Returns the VBox (already displayed)."""
+    widgets, display = _widgets()
+    ctl = list(controls.values())
+    rows = list(rows or [len(ctl)])
+    if sum(rows) != len(ctl):
+        raise ValueError(f"rows={rows} must add up to the {len(ctl)} controls.")
+    image = _live_figure(widgets, dict(controls), draw)
+    starts = np.cumsum([0] + rows)
+    ui = widgets.VBox([widgets.HBox(ctl[a:b]) for a, b in zip(starts, starts[1:])] + [image])
+    _display_explorer(display, ui, text)
+    return ui
+
+
+def _display_explorer(display, ui, text: str) -> None:
+    """Display an explorer so that it reads well where no widget frontend renders it.
+
+    The output carries the widget view (JupyterLab, Notebook and Colab draw the live controls from it) and, as its
+    text/plain part, `text` instead of ipywidgets' repr (`VBox(children=(HBox(children=(Dropdown(...`)."""
+    bundle = dict(ui._repr_mimebundle_())
+    bundle["text/plain"] = text
+    display(bundle, raw=True)
+
+
+def _channels(ch: Sequence[int], most: int = 8) -> str:
+    ch = [int(c) for c in ch]
+    return ", ".join(map(str, ch[:most])) + (f" and {len(ch) - most} more" if len(ch) > most else "")
 
 
 def draw_tokens(stats: ChannelStats, title: str, tokens: tuple[int, int] = (0, 64), keeper: int = 16,
@@ -263,7 +324,7 @@ def draw_tokens(stats: ChannelStats, title: str, tokens: tuple[int, int] = (0, 6
         raise ValueError(f"tokens={tokens} selects no rows; stats.samples holds {stats.samples.shape[0]} tokens.")
     index = reorder_index(stats, metric) if index is None else index
     top = index[index.numel() - keeper:] if keeper else index[:0]
-    fig = _figure(9, 4.2)
+    fig = _figure(9, 4.5)
     ax1, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     # Max-pool wide layers (down_proj: 1536 channels) so a single outlier channel is not skipped on screen.
     heat, _, fc = _pool_max(x.clamp_min(1e-4).log10().numpy(), x.shape[0], 400)
@@ -280,14 +341,15 @@ def draw_tokens(stats: ChannelStats, title: str, tokens: tuple[int, int] = (0, 6
     ax2.set_yscale("log")
     ax2.set_xlabel("input channel")
     ax2.set_ylabel("max |x|")
-    ax2.legend(fontsize=8, frameon=False, loc="upper right")
+    # Below the figure, not on the axes: spikes reach the top of this panel anywhere along the channels.
+    fig.legend(*ax2.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
 
 
 def outlier_explorer(stats: Mapping[str, ChannelStats], blocks_name: str, keepers: int = 256):
     """Choose a layer input, a decoder layer, a token range and a keeper count; redraws draw_tokens.
     The reorder indices are computed up front, so a redraw is only drawing."""
-    widgets, display = _widgets()
+    widgets, _ = _widgets()
     modules = list(dict.fromkeys(module_kind(k) for k in stats))
     layers = {m: by_layer(stats, blocks_name, m) for m in modules}
     index = {k: reorder_index(s) for k, s in stats.items()}
@@ -310,10 +372,13 @@ def outlier_explorer(stats: Mapping[str, ChannelStats], blocks_name: str, keeper
         return draw_tokens(stats[key], f"{key}: {INPUT_OF.get(module, module)}", tokens,
                            min(keeper, stats[key].channels), index=index[key])
 
-    image = _live_figure(widgets, dict(module=module_w, layer=layer_w, tokens=tokens_w, keeper=keeper_w), draw)
-    ui = widgets.VBox([widgets.HBox([module_w, layer_w]), widgets.HBox([tokens_w, keeper_w]), image])
-    display(ui)
-    return ui
+    key, (lo, hi), k = layers[module_w.value][layer_w.value], tokens_w.value, keeper_w.value
+    top = index[key][index[key].numel() - k:].flip(0) if k else index[key][:0]
+    peak = stats[key].samples[lo:hi].abs().amax(0)
+    text = (f"[outlier explorer, shown live in JupyterLab / Colab once the notebook runs; its first setting: {key}, "
+            f"tokens {lo}-{hi}: max |x| {peak.max().item():.3g} in channel {int(peak.argmax())}, median channel "
+            f"{peak.median().item():.3g}; top {k} channels by the Hessian metric: {_channels(top)}]")
+    return explorer(dict(module=module_w, layer=layer_w, tokens=tokens_w, keeper=keeper_w), draw, text, rows=(2, 2))
 
 
 def draw_keeper(sweep: Mapping[str, tuple[Sequence[int], Sequence[float]]], scores: torch.Tensor, keeper: int,
@@ -353,7 +418,7 @@ def keeper_explorer(sweeps: Mapping[str, Mapping[str, tuple[Sequence[int], Seque
 
     sweeps: {stats key: {ordering label: (keepers, errors)}}, computed beforehand (e.g. with
     analysis.keeper_sweep), so a redraw only draws."""
-    widgets, display = _widgets()
+    widgets, _ = _widgets()
     names = list(sweeps)
     name_w = widgets.Dropdown(options=names, value=names[0], description="layer", layout=dict(width="420px"))
     keeper_w = widgets.IntSlider(value=128, min=0, max=max_keeper, step=16, description="keeper",
@@ -363,8 +428,12 @@ def keeper_explorer(sweeps: Mapping[str, Mapping[str, tuple[Sequence[int], Seque
         return draw_keeper(sweeps[name], stats[name].mean_sq, min(keeper, stats[name].channels),
                            f"{name}: {INPUT_OF.get(module_kind(name), '')}")
 
-    image = _live_figure(widgets, dict(name=name_w, keeper=keeper_w), draw)
-    ui = widgets.VBox([widgets.HBox([name_w, keeper_w]), image])
-    display(ui)
-    return ui
+    name, k = name_w.value, keeper_w.value
+    errors = []
+    for label, (ks, errs) in sweeps[name].items():
+        j = int(np.abs(np.asarray(ks) - k).argmin())  # the measured keeper count nearest the slider's
+        errors.append(f"{label} {float(errs[j]):.4f} at {int(ks[j])}")
+    text = (f"[keeper explorer, shown live in JupyterLab / Colab once the notebook runs; its first setting: {name}, "
+            f"keeper {k}: relative output error by channel order: {'; '.join(errors)}]")
+    return explorer(dict(name=name_w, keeper=keeper_w), draw, text)
 
