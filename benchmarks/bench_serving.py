@@ -7,7 +7,8 @@ the GPU machine; throughput does not depend on the weights' values, only on thei
 Formats (weights-kvBITS): fp16 (torch / cuBLAS linears), w8a8 (FP8 e4m3 weights and per-token activations through
 torch._scaled_mm, serve/lowbit.py), w4a16 (INT4 weights through torch._weight_int4pack_mm, bf16 activations),
 w4a4 (Atom's packed weights through our Triton kernels; round-to-nearest with an identity reorder: random weights
-have no outlier channels to sort); each with KV16 / KV8 / KV4 pages of the chapter-05 cache.
+have no outlier channels to sort), w4a4fp8 (the same, plus each weight kept as the library's FP8 operand, handed to
+w4a4_gemm: cuBLASLt blockwise FP8 from M = 64, ~1.06 bytes per weight more); each with KV16 / KV8 / KV4 pages of the chapter-05 cache.
 Decode steps replay CUDA graphs captured per batch-size bucket before the timed run (capture seconds reported
 apart); prefill runs eagerly. Workloads, all requests queued at t = 0:
   sweep    `batch` requests of `--prompt` in / `--out` new tokens, pool sized to fit them all
@@ -83,8 +84,12 @@ def build_model(weights: str, cfg: dict, cuda: bool):
     if weights == "w4a16" and not cuda:
         dtype = torch.bfloat16
     model = random_model(cfg, dtype, "cuda" if cuda else "cpu")
-    if weights == "w4a4":
-        return to_w4a4(model)
+    if weights in ("w4a4", "w4a4fp8"):  # w4a4fp8: also the FP8 weight operand, passed to w4a4_gemm (w_fp8=)
+        model = to_w4a4(model)
+        if weights == "w4a4fp8":
+            from atom_lab.serve.model_runner import store_fp8_weights
+            store_fp8_weights(model)
+        return model
     if weights in ("w8a8", "w4a16"):
         return convert_model(model, weights)
     return model

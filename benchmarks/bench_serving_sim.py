@@ -43,14 +43,14 @@ def workload_of(p):
 
 def sim_point(shape, p, rope, **cost):
     work, cap = workload_of(p)
-    return simulate(shape, Format.parse(p["format"]), H200, 200e9, work, max_num_seqs=cap,
+    return simulate(shape, Format.parse(p["format"].replace("w4a4fp8", "w4a4")), H200, 200e9, work, max_num_seqs=cap,
                     max_tokens_per_step=STEP_TOKENS, page_size=PAGE, num_pages=p["measured"]["num_pages"],
                     rope=rope, **cost)
 
 
 def fit(shape, train, rope):
     """Least squares of (overhead, 1/eff per kv bits) on decode latency, and a prefill scale, on `train`."""
-    bits = sorted({Format.parse(p["format"]).kv_bits for p in train})
+    bits = sorted({int(p["format"].split("-kv")[1]) for p in train})
     rows, y, pre_sim, pre_meas, pre_steps = [], [], [], [], []
     for p in train:
         r = sim_point(shape, p, rope, kv_efficiency=1.0, step_overhead=0.0, prefill_overhead=0.0)
@@ -58,7 +58,7 @@ def fit(shape, train, rope):
         rest = (d["gemm"] + d["other"] + d["lm_head"]) / steps
         a = np.zeros(1 + len(bits))
         a[0] = 1.0
-        a[1 + bits.index(Format.parse(p["format"]).kv_bits)] = d["attention"] / steps
+        a[1 + bits.index(int(p["format"].split("-kv")[1]))] = d["attention"] / steps
         rows.append(a)
         y.append(p["measured"]["decode_latency_ms"] * 1e-3 - rest)
         pre_sim.append(sum(r.breakdown.values()) - sum(d.values()))  # prefill compute, no host time
@@ -76,7 +76,7 @@ def predict(shape, p, rope, params=None):
         # what the simulator said before this data: post-RoPE kernel efficiencies, 1 ms per step, nothing for prefill
         r = sim_point(shape, p, "post", step_overhead=1e-3, prefill_overhead=None)
         return r.tokens_per_s, r.decode_latency_s * 1e3
-    kb = Format.parse(p["format"]).kv_bits
+    kb = int(p["format"].split("-kv")[1])
     r = sim_point(shape, p, rope, kv_efficiency=params["kv_efficiency"][kb], step_overhead=params["step_overhead_s"],
                   prefill_overhead=params["prefill_overhead_s"])
     return r.tokens_per_s, r.decode_latency_s * 1e3

@@ -88,3 +88,32 @@ def test_convert_model_runs_and_counts(weights):
     # correlation), and not identical (the layers really were replaced)
     corr = torch.corrcoef(torch.stack([ref.flatten(), got.flatten()]))[0, 1]
     assert corr > 0.9 and not torch.equal(ref, got)
+
+
+def test_stored_fp8_weights_pass_through_to_the_gemm():
+    # ModelRunner(fp8_weights=True) keeps each packed W4A4 weight also as the library's FP8 operand and hands it to
+    # w4a4_gemm(w_fp8=...). Same numbers as without it (the integer dots are exact either way), and the blockwise
+    # method fed the stored operand equals the one that prepares it per call.
+    from atom_lab.config import AtomConfig
+    from atom_lab.kernels import w4a4_gemm
+    from atom_lab.qlinear import QuantLinear
+    from atom_lab.serve.model_runner import model_bytes, store_fp8_weights
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64, bias=False)
+    cfg = AtomConfig.preset("atom", gptq=False, group_size=128, keeper=128, w_clip=1.0, a_clip=1.0, kv_bits=16)
+    q = QuantLinear.from_linear(lin, cfg, reorder=torch.arange(256), inputs=torch.randn(64, 256), backend="triton")
+    x = torch.randn(3, 256)
+    before, size0 = q(x), model_bytes(q)
+    holder = torch.nn.Sequential(q)
+    assert store_fp8_weights(holder) == 1 and store_fp8_weights(holder) == 0  # once per layer
+    assert torch.equal(q(x), before)
+    assert model_bytes(q) > size0 + 64 * 256  # the FP8 copy (1 byte per weight + scales) is counted
+    a = q.quantize_input(x)
+    stored = w4a4_gemm(a, q.packed, torch.float32, method="blockwise", w_fp8=(q.serve_w_fp8, q.serve_w_fp8_scale))
+    assert torch.equal(stored, w4a4_gemm(a, q.packed, torch.float32, method="blockwise"))
+    with pytest.raises(ValueError, match="fp8_weights"):
+        from atom_lab.kv_cache import KVFormat
+        from atom_lab.serve.model_runner import ModelRunner
+        ModelRunner(atom_lab.tiny_model("llama", seed=0, device="cpu")[0], KVFormat(bits=16, dtype=torch.float32),
+                    num_pages=4, fp8_weights=True)

@@ -28,6 +28,44 @@ from atom_lab.serve.memory import ModelShape, activation_bytes
 from atom_lab.serve.request import Sequence, sample
 
 
+class _StoredFP8Weight:
+    """forward_packed of one packed QuantLinear with its weight ALSO kept as the library's FP8 operand
+    (kernels.gemm_blockwise.prepare_fp8(w, "w"), computed once here): kernels.w4a4_gemm(w_fp8=...) then picks, per
+    M, the blockwise cuBLASLt GEMM without a per-call weight unpack (select_method(fp8_weights=True): M >= 64 on
+    SM90), else its usual method. Costs ~1.06 bytes per weight more memory, which model_bytes counts (buffer)."""
+
+    def __init__(self, layer):
+        from atom_lab.kernels.gemm_blockwise import prepare_fp8
+
+        w8, sT = prepare_fp8(layer.packed, "w")
+        layer.register_buffer("serve_w_fp8", w8, persistent=False)
+        layer.register_buffer("serve_w_fp8_scale", sT, persistent=False)
+        self.layer = layer
+
+    def __call__(self, a, lead_shape, dtype):
+        from atom_lab.kernels import w4a4_gemm
+
+        m = self.layer
+        y = w4a4_gemm(a, m.packed, out_dtype=dtype, w_fp8=(m.serve_w_fp8, m.serve_w_fp8_scale))
+        if m.bias is not None:
+            y = y + m.bias.to(dtype)
+        return m._quantize_output(y.view(*lead_shape, m.out_features))
+
+
+def store_fp8_weights(model) -> int:
+    """Give every packed QuantLinear on the triton backend its stored FP8 weight operand (_StoredFP8Weight);
+    returns how many layers. The layer's forward_packed is replaced on the instance only (QuantLinear's own code
+    and the other models are untouched)."""
+    from atom_lab.qlinear import QuantLinear
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.is_packed and m.backend == "triton" and not hasattr(m, "serve_w_fp8"):
+            m.forward_packed = _StoredFP8Weight(m)
+            n += 1
+    return n
+
+
 def model_bytes(model) -> int:
     """Bytes of what the model stores (parameters and buffers, shared tensors once)."""
     seen, total = set(), 0
@@ -54,15 +92,21 @@ class ModelRunner:
         cuda_graphs: replay captured decode graphs (default: on a CUDA device, when static_decode).
         max_model_len: tokens per sequence the static buffers hold (default: the model's max_position_embeddings,
             at most the pool); longer sequences decode eagerly.
+        fp8_weights: keep each packed W4A4 weight also as the library's FP8 operand and pass it to w4a4_gemm
+            (w_fp8=), which then takes cuBLASLt's blockwise FP8 GEMM from M = 64 on SM90 (store_fp8_weights).
     """
 
     def __init__(self, model, kv: KVFormat, budget_bytes: float | None = None, num_pages: int | None = None,
                  page_size: int = 16, max_tokens_per_step: int = 2048, max_num_seqs: int = 64,
                  kernels: str | None = None, static_decode: bool = True, cuda_graphs: bool | None = None,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, fp8_weights: bool = False):
         if (budget_bytes is None) == (num_pages is None):
             raise ValueError("pass exactly one of budget_bytes= (weights + KV pool + activations) or num_pages=.")
         self.model = model
+        self.fp8_weight_layers = store_fp8_weights(model) if fp8_weights else 0
+        if fp8_weights and not self.fp8_weight_layers:
+            raise ValueError("fp8_weights=True needs packed W4A4 layers on the triton backend (atom_lab.quantize_model "
+                             "with backend='triton'); this model has none.")
         self.shape = ModelShape.from_config(model.config)
         self.device = next(model.parameters()).device
         self.weight_bytes = model_bytes(model)
