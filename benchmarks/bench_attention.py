@@ -6,6 +6,8 @@ Timed in one run on one GPU (CUDA-graph replays of each call, median of triton.t
   ours_bf16   kernels/attention.py paged_decode_attention on a bf16 paged cache (pages in random order)
   ours_int4_post  the same kernel on the INT4 cache, K stored after RoPE (QServe / KIVI / vLLM)
   ours_int4_pre   the same, K stored before RoPE and rotated after dequantization (Atom)
+  ours_kivi       KIVI: INT4 keys per channel over groups of 32 tokens (post-RoPE), values per token per head, and
+                  the newest 128 tokens in a float16 ring (a second launch, merged by LSE)
 Shapes: Llama-2-7B attention (32 query heads x 128 = 32 KV heads) and GQA 32 q / 8 KV heads, head_dim 128, page
 size 32 (Atom's), every sequence at the full context. Random data (no model files on the GPU machine).
 
@@ -36,6 +38,7 @@ CONTEXTS = [1024, 4096, 16384, 32768]
 MAX_TOKENS = 2 ** 21  # batch x context cap: the bf16 MHA cache is then 32 GiB
 BAR = 3.0  # issue 11: x the bf16 SDPA baseline at context >= 4096 and batch >= 8
 KERNEL_CONFIGS = [(64, 4), (128, 8)]  # (block_n, num_warps) tried for our kernel; the faster is reported
+KIVI_TG, KIVI_WINDOW = 32, 128
 
 
 def paged_cache(B, ctx, Hkv, bits, gen):
@@ -59,13 +62,27 @@ def paged_cache(B, ctx, Hkv, bits, gen):
     return kc, ksz, vc, vsz, pt, lengths
 
 
-def bench_ours(q, cache, bits, ctx, rope, log):
+def kivi_cache(B, ctx, Hkv, gen):
+    """paged_cache(bits=4) with per-channel key pairs [S / Tg, Hkv, D, 2] and a float16 ring per sequence."""
+    kc, _, vc, vsz, pt, lengths = paged_cache(B, ctx, Hkv, 4, gen)
+    ksz = torch.empty(kc.shape[0] // KIVI_TG, Hkv, D, 2, device="cuda", dtype=torch.float16)
+    ksz[..., 0], ksz[..., 1] = 0.05, 8.0
+    cap = KIVI_WINDOW + KIVI_TG - 1
+    k_win = torch.randn(B * cap, Hkv, D, device="cuda", dtype=torch.float16, generator=gen)
+    v_win = torch.randn_like(k_win)
+    ids = torch.arange(B, dtype=torch.int32, device="cuda")
+    qlen = torch.full((B,), (ctx - KIVI_WINDOW) // KIVI_TG * KIVI_TG, dtype=torch.int32, device="cuda")
+    return (kc, ksz, vc, vsz, pt, lengths), (k_win, v_win, ids, qlen, cap)
+
+
+def bench_ours(q, cache, bits, ctx, rope, log, window=None):
     kc, ksz, vc, vsz, pt, lengths = cache
     best = None
+    kivi = dict(key_tokens=KIVI_TG, window=window) if window is not None else {}
     for block_n, warps in KERNEL_CONFIGS:
         def fn(block_n=block_n, warps=warps):
             return paged_decode_attention(q, kc, ksz, vc, vsz, pt, lengths, bits, PAGE, D ** -0.5, rope,
-                                          max_length=ctx, block_n=block_n, num_warps=warps)
+                                          max_length=ctx, block_n=block_n, num_warps=warps, **kivi)
         try:
             ms = bench_ms(fn, graph=True)
         except Exception as e:  # a config that does not compile or run: recorded, the other one stands
@@ -100,17 +117,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="batches 8/128, contexts 4096/16384 only")
+    ap.add_argument("--kivi", action="store_true", help="also time the KIVI path (ours_kivi)")
+    ap.add_argument("--batches", default=None, help="comma-separated batches (default: all, or 8,128 with --quick)")
+    ap.add_argument("--contexts", default=None, help="comma-separated contexts")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention needs a CUDA GPU (timings under the interpreter mean nothing).")
         return 1
     batches, contexts = ([8, 128], [4096, 16384]) if args.quick else (BATCHES, CONTEXTS)
+    batches = [int(x) for x in args.batches.split(",")] if args.batches else batches
+    contexts = [int(x) for x in args.contexts.split(",")] if args.contexts else contexts
     gen = torch.Generator(device="cuda").manual_seed(0)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device="cuda").float() / D))
     rows, t_start = [], time.time()
     print(f"{'config':18s} {'B':>4s} {'ctx':>6s} {'sdpa us':>8s} {'be':>6s} {'bf16 us':>8s} {'int4post':>8s} "
-          f"{'int4pre':>8s} {'x post':>6s} {'x pre':>6s} {'TB/s int4':>9s}")
+          f"{'int4pre':>8s} {'x post':>6s} {'x pre':>6s} {'TB/s int4':>9s} {'x kivi':>6s}")
     for cname in args.configs.split(","):
         Hq, Hkv = CONFIGS[cname]
         for B in batches:
@@ -131,6 +153,12 @@ def main(argv=None) -> int:
                     r = bench_ours(q, c4, 4, ctx, rope, print)
                     row[f"ours_int4_{mode}_ms"], row[f"ours_int4_{mode}_cfg"] = (r[0], r[1:]) if r else (None, None)
                 del c4
+                if args.kivi:
+                    ck, win = kivi_cache(B, ctx, Hkv, gen)
+                    r = bench_ours(q, ck, 4, ctx, None, print, window=win)
+                    row["ours_kivi_ms"], row["ours_kivi_cfg"] = (r[0], r[1:]) if r else (None, None)
+                    row["speedup_kivi"] = sd[be] / r[0] if r else None
+                    del ck, win
                 kv_bytes_bf16 = 2 * B * ctx * Hkv * D * 2
                 kv_bytes_int4 = 2 * B * ctx * Hkv * (D // 2 + 4)
                 row["kv_bytes_bf16"], row["kv_bytes_int4"] = kv_bytes_bf16, kv_bytes_int4
@@ -147,7 +175,7 @@ def main(argv=None) -> int:
                 print(f"{cname:18s} {B:4d} {ctx:6d} {us(sd[be])} {be:>6s} {us(row['ours_bf16_ms'])} "
                       f"{us(row['ours_int4_post_ms'])} {us(row['ours_int4_pre_ms'])} "
                       f"{row['speedup_int4_post'] or 0:6.2f} {row['speedup_int4_pre'] or 0:6.2f} "
-                      f"{row['int4_post_tbs'] or 0:9.2f}", flush=True)
+                      f"{row['int4_post_tbs'] or 0:9.2f} {row.get('speedup_kivi') or 0:6.2f}", flush=True)
                 torch.cuda.empty_cache()
                 if args.json:  # after every case, so a run cut short by a time limit still leaves its rows
                     write_json(args.json, rows, None)
@@ -157,6 +185,8 @@ def main(argv=None) -> int:
                "max_speedup_post": max((r["speedup_int4_post"] for r in barred), default=None),
                "min_speedup_pre": min((r["speedup_int4_pre"] for r in barred), default=None),
                "max_speedup_pre": max((r["speedup_int4_pre"] for r in barred), default=None),
+               "min_speedup_kivi": min((r["speedup_kivi"] for r in barred if r.get("speedup_kivi")), default=None),
+               "max_speedup_kivi": max((r["speedup_kivi"] for r in barred if r.get("speedup_kivi")), default=None),
                "seconds": round(time.time() - t_start, 1)}
     print(json.dumps(summary))
     if args.json:
