@@ -361,3 +361,35 @@ def test_save_load_keeps_the_online_rotation(tmp_path, inter):
     (tmp_path / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="no online rotation"):
         load_quantized(tmp_path, device=DEV)
+
+
+def test_rotation_analysis_on_a_tiny_model():
+    from atom_lab.rotation_analysis import compare
+    model, tok = atom_lab.tiny_model("llama", intermediate_size=512)
+    rows = compare(model, tok, TEXTS, blocks=[1], linears=("self_attn.q_proj", "mlp.down_proj"), n_tokens=256)
+    assert [r["layer"] for r in rows] == ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    for r in rows:
+        assert all(0 < e < 1 for k in ("a4", "w4 gptq", "w4a4", "w4a4 k128") for e in r[k])
+    q = rows[0]  # the tiny model's norms carry outlier channels (x20): the rotation spreads them
+    assert q["max_over_median"][1] < q["max_over_median"][0] and q["a4"][1] < q["a4"][0]
+
+
+@pytest.mark.parametrize("inter", [512, 640])
+def test_calibration_sees_the_rotated_inputs(inter):
+    # Statistics, keeper choice and GPTQ Hessians all come from forward pre-hooks registered AFTER rotate_model's
+    # OnlineRotation hook, so they must see rotated inputs: down_proj's input is the unrotated one times R, and the
+    # residual readers' input is the normed stream times Q (with the RMSNorm weight folded out of it).
+    from atom_lab.recipe import layer_inputs
+    from atom_lab.stats import collect_stats
+    model, tok = atom_lab.tiny_model("llama", dtype=torch.float64, intermediate_size=inter)
+    rot = rotate_model(copy.deepcopy(model), "hadamard", seed=2)
+    names = ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    x0, x1 = (layer_inputs(m, tok, TEXTS, names, n_tokens=128, seq_len=64) for m in (model, rot))
+    R = dense_rotation(online_rotation(rot.model.layers[1].mlp.down_proj))
+    Q = rotation_matrix(256, "hadamard", seed=2)
+    d, q = names
+    assert (x1[d].double() - x0[d].double() @ R).abs().max() < 1e-4 * x0[d].abs().max()
+    gamma = model.model.layers[1].input_layernorm.weight.double()
+    assert (x1[q].double() @ Q.T * gamma - x0[q].double()).abs().max() < 1e-4 * x0[q].abs().max()
+    st = collect_stats(rot, tok, TEXTS, n_tokens=128, seq_len=64, progress=False)[d]
+    assert torch.allclose(st.mean_sq.double(), x1[d].double().square().mean(0), rtol=1e-4, atol=1e-9)
