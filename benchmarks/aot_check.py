@@ -93,11 +93,11 @@ GLUON_DIV = ["a4", "as4", "a8", "as8", "w4", "ws4", "w8", "ws8", "out", "res", "
              "s_as4", "s_a8", "s_w4", "s_ws4", "s_w8", "s_on"]
 
 
-def gluon(swap, BM, BN, stages, split, G=128):
+def gluon(swap, BM, BN, stages, split, G=128, ablate=0):
     """The Gluon kernel (kernels/gemm_gluon.py) with one of its configurations."""
     from triton.experimental.gluon._runtime import GluonASTSource
-    ce = dict(GROUP=G, BM=BM, BN=BN, GROUP_M=8, STAGES=stages, SPLIT=split, HAS_RES=False, num_warps=4)
-    return report(f"gluon swap{int(swap)} BM{BM} BN{BN} S{stages} split{split} G{G}",
+    ce = dict(GROUP=G, BM=BM, BN=BN, GROUP_M=8, STAGES=stages, SPLIT=split, HAS_RES=False, num_warps=4, ABLATE=ablate)
+    return report(f"gluon swap{int(swap)} BM{BM} BN{BN} S{stages} split{split} G{G} ablate{ablate}",
                   compile_kernel(gemm_gluon._w4a4_wgmma_kernel, GLUON_SIG, ce, GLUON_DIV, 4, 1, GluonASTSource))
 
 

@@ -90,11 +90,13 @@ if AVAILABLE:
             M, N, KB, KP,
             s_a4, s_as4, s_a8, s_as8, s_w4, s_ws4, s_w8, s_ws8, s_om, s_on, s_rm, s_rn, M_BUCKET,
             GROUP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr,
-            STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_RES: gl.constexpr, num_warps: gl.constexpr):
+            STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_RES: gl.constexpr, num_warps: gl.constexpr,
+            ABLATE: gl.constexpr = 0):
         # out[i, j] = sum over K of a[i] . w[j] (+ res[i, j]) at out + i * s_om + j * s_on. Rows i are tokens and
         # rows j channels, or (swapped, for few tokens) i channels and j tokens with s_om = 1: the weights then fill
         # the 64-row side of wgmma. SPLIT > 1 splits K over program_id(1) as gemm_int4 does (fp32 partials in ws,
-        # a counter per tile; the last program to arrive sums the partials in split order).
+        # a counter per tile; the last program to arrive sums the partials in split order). ABLATE > 0 removes one
+        # stage of the K loop for timing only (wrong results; benchmarks/bench_gemm_gluon_ablation.py).
         SB: gl.constexpr = GROUP // 2  # bytes per step and row; its low nibbles are K run 0, high nibbles run 1
         a_layout: gl.constexpr = _bytes_layout(SB, num_warps)
         w_layout: gl.constexpr = _bytes_layout(SB, num_warps)
@@ -169,26 +171,35 @@ if AVAILABLE:
 
         for t in range(1, steps):
             # Scales of step t - 1 (rescaled below) load while step t unpacks.
-            sa = gl.load(sa_ptrs + (t - 1)).to(gl.float32) * (1.0 / 256.0)
-            sw = gl.load(sw_ptrs + (t - 1)).to(gl.float32)
+            if ABLATE == 2:  # timing ablation: constant scales (no scale loads)
+                sa = gl.full([BM], 1.0, gl.float32, layout=gl.SliceLayout(1, mma))
+                sw = gl.full([BN], 1.0, gl.float32, layout=gl.SliceLayout(0, mma))
+            else:
+                sa = gl.load(sa_ptrs + (t - 1)).to(gl.float32) * (1.0 / 256.0)
+                sw = gl.load(sw_ptrs + (t - 1)).to(gl.float32)
             nxt = t + STAGES - 1
             slot = nxt % STAGES
-            async_copy.async_copy_global_to_shared(a_stage.index(slot), a_ptrs + nxt * SB,
-                                                   mask=(nxt * SB + ca < kb)[None, :])
-            async_copy.async_copy_global_to_shared(w_stage.index(slot), w_ptrs + nxt * SB,
-                                                   mask=(nxt * SB + cw < kb)[None, :])
+            if ABLATE != 4:  # timing ablation 4: no copies after the prologue (the ring keeps stale bytes)
+                async_copy.async_copy_global_to_shared(a_stage.index(slot), a_ptrs + nxt * SB,
+                                                       mask=(nxt * SB + ca < kb)[None, :])
+                async_copy.async_copy_global_to_shared(w_stage.index(slot), w_ptrs + nxt * SB,
+                                                       mask=(nxt * SB + cw < kb)[None, :])
             async_copy.commit_group()
             async_copy.wait_group(STAGES - 1)  # step t's bytes have landed
             # Buffer t % 2 was last read by the MMA of step t - 2, waited for in the previous iteration.
             buf = t % 2
-            _unpack_step(a_stage.index(t % STAGES), w_stage.index(t % STAGES), a_lo.index(buf), a_hi.index(buf),
-                         w_lo.index(buf), w_hi.index(buf), a_layout, w_layout)
+            if ABLATE != 1:  # timing ablation 1: no unpack (the MMA reads stale operand buffers)
+                _unpack_step(a_stage.index(t % STAGES), w_stage.index(t % STAGES), a_lo.index(buf),
+                             a_hi.index(buf), w_lo.index(buf), w_hi.index(buf), a_layout, w_layout)
             # Issue step t's MMA first, then wait for step t - 1's (the 2 just issued stay in flight) and rescale
             # it: the fp32 promotion of one step overlaps the tensor cores' work on the next.
             nxt_tok = warpgroup_mma(a_lo.index(buf), w_lo.index(buf).permute((1, 0)), spare, use_acc=False,
                                     is_async=True)
             nxt_tok = warpgroup_mma(a_hi.index(buf), w_hi.index(buf).permute((1, 0)), nxt_tok, is_async=True)
-            d = warpgroup_mma_wait(num_outstanding=2, deps=[tok])
+            if ABLATE == 3:  # timing ablation 3: no overlap (wait for this step's MMA too)
+                d = warpgroup_mma_wait(num_outstanding=0, deps=[tok])
+            else:
+                d = warpgroup_mma_wait(num_outstanding=2, deps=[tok])
             acc += d.to(gl.float32) * (sa[:, None] * sw[None, :])
             spare = d
             tok = nxt_tok
@@ -259,7 +270,7 @@ def _effective_split(p: PackedAtom, split: int) -> int:
 
 
 def launch(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual, swap: bool = False, BM: int = 64,
-           BN: int = 64, stages: int = 4, split: int = 1, group_m: int = 8) -> None:
+           BN: int = 64, stages: int = 4, split: int = 1, group_m: int = 8, ablate: int = 0) -> None:
     """One configuration. a: M token rows, w: N channel rows (PackedAtom, G = 64 or 128); out: [M, N] fp16/bf16/
     fp32, written in full; residual: optional [M, N] added in the epilogue. swap=True puts the weights on the
     BM side (out is written transposed through its strides); split > 1 splits K in one launch."""
@@ -283,7 +294,7 @@ def launch(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual, swap: bool
         y.q4.stride(0), y.s4.stride(0), max(y.q8.stride(0), 1), y.s8.stride(0),
         so[0], so[1], sr[0], sr[1], min(8192, triton.next_power_of_2(a.rows)),
         GROUP=a.group_size, BM=BM, BN=BN, GROUP_M=group_m, STAGES=stages, SPLIT=split,
-        HAS_RES=residual is not None, num_warps=4)
+        HAS_RES=residual is not None, num_warps=4, ABLATE=ablate)
 
 
 _BEST: dict = {}  # (M bucket, N, K, keeper, G) -> config, chosen once by timing every config that compiles
