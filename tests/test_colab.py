@@ -74,3 +74,21 @@ def test_readme_colab_links_come_from_pyproject():
         nb = link.rsplit("/", 1)[-1]
         assert (ROOT / "notebooks" / nb).exists(), link
         assert f"({link})" in classroom.badge_source(info["repository"], info["tag"], nb), link
+
+
+def test_every_package_is_installed_by_a_non_editable_install():
+    """Colab installs atom_lab with `pip install git+...` (not editable): setuptools ships only the packages that
+    pyproject.toml lists, so a subpackage missing there breaks `import atom_lab` on Colab only."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, dirs = set(tool["packages"]), tool["package-dir"]
+    found = set()
+    for name, folder in dirs.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            if not any(p.startswith((".", "__")) for p in rel):
+                found.add(".".join((name, *rel)))
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
