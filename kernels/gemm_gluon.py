@@ -21,6 +21,11 @@ groups summed in the same order, the keeper last. That plain-Triton kernel (gemm
 kernel's twin: it runs under the CPU interpreter, where Gluon cannot, and tests/test_gemm_gluon.py pins Gluon ==
 twin == w4a4_gemm_ref on the GPU.
 
+Measured on the H200 (benchmarks/NOTES.md, results/gemm_h200*.json): correct, but 0.25-0.30x cuBLAS bf16 at
+M >= 1024 and below the other methods almost everywhere, so the dispatch never picks it. An ablation placed the
+cost: the per-step scale loads (~25%), the unpack's shared-memory round trip (~30%), the copies (~10%); the MMA
+overlap above buys nothing. It is kept as a tested starting point for a warp-specialized version.
+
 The import is guarded: without Gluon (older triton, or a triton whose Gluon API differs) `AVAILABLE` is False and
 the method is simply not offered.
 """
