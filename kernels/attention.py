@@ -304,7 +304,8 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
 
     num_splits: KV splits per sequence (default: enough programs to fill the GPU; 1-2 on the CPU interpreter).
     max_length: an upper bound of `lengths` (default: the page table's capacity); no device read-back, so the
-        call can be captured in a CUDA graph. block_n: tokens per loop step (default 64; 128 when interpreting).
+        call can be captured in a CUDA graph. block_n: tokens per loop step (default 64, 32 at head_dim 256; 128
+        when interpreting).
     key_tokens, window: KIVI keys and the float window (see paged_decode_attention_ref): the codes [0, n_q) and
         the ring [n_q, n) are two launches of the same kernel writing disjoint splits of one LSE merge.
     """
@@ -345,7 +346,9 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     G = D if bits >= 16 else D // v_sz.shape[2]
     max_pages = page_table.shape[1]
     max_length = max_pages * page_size if max_length is None else max_length
-    block_n = block_n or (128 if interpreting() else 64)
+    # tokens per loop step: few, large steps for the interpreter; on a GPU 64, or 32 at head_dim 256, where the
+    # dequantized [64, 128] halves of K and V and KIVI's per-channel pairs overflow the shared memory (H200: 272 KB)
+    block_n = block_n or (128 if interpreting() else 32 if D >= 256 else 64)
     blocks = max(1, -(-max_length // block_n))
     if num_splits is None:  # aim at ~4 programs per SM of the H200 over the B * Hkv (sequence, head) pairs
         num_splits = min(2, blocks) if interpreting() else max(1, min(blocks, -(-528 // (B * Hkv))))
