@@ -7,6 +7,8 @@
     hardware.py       GPU profiles (H200 measured; H100, A100, RTX 4090 datasheet peaks)
     sim.py            the same scheduler over a cost model instead of a model runner
     model_runner.py   runs a Llama-architecture decoder on the paged KV cache (atom_lab.kv_cache)
+    decode_graph.py   decode steps from static buffers, replayed as CUDA graphs per batch-size bucket
+    lowbit.py         W8A8 (torch._scaled_mm FP8) and W4A16 (torch._weight_int4pack_mm) linears for the benchmark
     engine.py         requests in, tokens out
 """
 from atom_lab.serve.block_manager import BlockManager, OutOfPages
