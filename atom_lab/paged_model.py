@@ -41,6 +41,20 @@ def _kv_outputs_unquantized(layers):
             m.out_bits = b
 
 
+def rope_at(inner, x: torch.Tensor, pos: torch.Tensor):
+    """HF's apply_rotary_pos_emb for one flat batch of tokens: x [1, N, H] (for the dtype/device), pos int [N] ->
+    a function t [N, heads, D] -> t rotated to those positions (the same cos/sin as the HF model computes)."""
+    cos, sin = inner.rotary_emb(x, pos[None])
+    cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [N, 1, D]
+    half = cos.shape[-1] // 2
+
+    def rot(t):
+        t1, t2 = t[..., :half], t[..., half:]
+        return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+
+    return rot
+
+
 class PagedDecoder:
     """model + PagePool -> step(tables, token_ids) (atom_lab/kv_cache.py gives the contract).
 
@@ -145,12 +159,7 @@ class PagedDecoder:
         plan = _WindowPlan(tables, starts, lens, offsets, decode, dev) if fmt.has_window else None
 
         x = self.inner.embed_tokens(flat)[None]  # [1, N, H]
-        cos, sin = self.inner.rotary_emb(x, pos[None])
-        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [N, 1, D]
-
-        def rot(t):  # HF's apply_rotary_pos_emb on [N, H, D]
-            t1, t2 = t[..., : D // 2], t[..., D // 2:]
-            return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+        rot = rope_at(self.inner, x, pos)
 
         with _kv_outputs_unquantized(self.kv_linears):
             for li, layer in enumerate(self.layers):
@@ -167,26 +176,23 @@ class PagedDecoder:
                 out = torch.empty(N, self.Hq, D, dtype=torch.float32, device=dev)
                 if plan is not None:
                     self._windowed_layer(li, plan, kin, v, q, out, rope)
-                    x = residual + attn.o_proj(out.to(x.dtype).view(1, N, self.Hq * D))
-                    residual = x
-                    x = residual + layer.mlp(layer.post_attention_layernorm(x))
-                    continue
-                write(kin, slots, kc, ksz, fmt.bits, pool.group_size)
-                write(v, slots, vc, vsz, fmt.bits, pool.group_size)
-                if decode:
-                    out[drows] = decode_attn(q[drows], kc, ksz, vc, vsz, pt, dlen, fmt.bits, pool.page_size,
-                                             self.sm_scale, rope)
-                for i in prefill:
-                    t = tables[i]
-                    pages = torch.tensor(t.pages, dtype=torch.int64, device=dev)
-                    kk = gather_kv_ref(kc, ksz, fmt.bits, pages, new_len[i], pool.page_size)
-                    vv = gather_kv_ref(vc, vsz, fmt.bits, pages, new_len[i], pool.page_size)
-                    if rope is not None:
-                        kk = rope_ref(kk, torch.arange(new_len[i], device=dev), *rope)
-                    a, b = offsets[i], offsets[i + 1]
-                    if self.prefill == "fresh":
-                        kk[starts[i]:], vv[starts[i]:] = k_rot[a:b].float(), v[a:b].float()
-                    out[a:b] = prefill_attention(q[a:b].float(), kk, vv, self.sm_scale)
+                else:
+                    write(kin, slots, kc, ksz, fmt.bits, pool.group_size)
+                    write(v, slots, vc, vsz, fmt.bits, pool.group_size)
+                    if decode:
+                        out[drows] = decode_attn(q[drows], kc, ksz, vc, vsz, pt, dlen, fmt.bits, pool.page_size,
+                                                 self.sm_scale, rope)
+                    for i in prefill:
+                        t = tables[i]
+                        pages = torch.tensor(t.pages, dtype=torch.int64, device=dev)
+                        kk = gather_kv_ref(kc, ksz, fmt.bits, pages, new_len[i], pool.page_size)
+                        vv = gather_kv_ref(vc, vsz, fmt.bits, pages, new_len[i], pool.page_size)
+                        if rope is not None:
+                            kk = rope_ref(kk, torch.arange(new_len[i], device=dev), *rope)
+                        a, b = offsets[i], offsets[i + 1]
+                        if self.prefill == "fresh":
+                            kk[starts[i]:], vv[starts[i]:] = k_rot[a:b].float(), v[a:b].float()
+                        out[a:b] = prefill_attention(q[a:b].float(), kk, vv, self.sm_scale)
                 x = residual + attn.o_proj(out.to(x.dtype).view(1, N, self.Hq * D))
                 residual = x
                 x = residual + layer.mlp(layer.post_attention_layernorm(x))

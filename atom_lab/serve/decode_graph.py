@@ -31,7 +31,7 @@ import triton
 from atom_lab.kernels._common import interpreting
 from atom_lab.kernels.attention import paged_decode_attention, paged_decode_attention_ref
 from atom_lab.kernels.kv_cache import _kv_write_kernel, kv_write_ref
-from atom_lab.paged_model import PagedDecoder, _kv_outputs_unquantized
+from atom_lab.paged_model import PagedDecoder, _kv_outputs_unquantized, rope_at
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -154,12 +154,7 @@ class StaticDecoder:
             write = kv_write_ref
         rope = (d.inv_freq, d.rope_scaling) if fmt.rope == "pre" else None
         x = d.inner.embed_tokens(ids)[None]  # [1, B, H]
-        cos, sin = d.inner.rotary_emb(x, pos[None])
-        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [B, 1, D]
-
-        def rot(t):  # HF's apply_rotary_pos_emb on [B, H, D], as in PagedDecoder.step
-            t1, t2 = t[..., : D // 2], t[..., D // 2:]
-            return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+        rot = rope_at(d.inner, x, pos)
 
         with _kv_outputs_unquantized(d.kv_linears):
             for li, layer in enumerate(d.layers):
