@@ -276,6 +276,11 @@ class PagePool:
     def free_pages(self) -> int:
         return len(self._free)
 
+    @property
+    def free_windows(self) -> int:
+        """Float-window rings not held by a sequence (formats with KVFormat.window / key_tokens)."""
+        return len(self._free_windows)
+
     # --- pages ---------------------------------------------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
         """n free page ids, or KVCacheFull (nothing allocated) when fewer than n are free."""

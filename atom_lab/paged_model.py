@@ -126,9 +126,9 @@ class PagedDecoder:
             raise KVCacheFull(need, self.pool.free_pages)
         if self.pool.fmt.has_window:
             new_windows = sum(t.window is None for t in tables)
-            if new_windows > len(self.pool._free_windows):
+            if new_windows > self.pool.free_windows:
                 raise KVCacheFull(0, self.pool.free_pages, f"{new_windows} float window(s) needed, "
-                                  f"{len(self.pool._free_windows)} free (max_seqs={self.pool.max_seqs})")
+                                  f"{self.pool.free_windows} free (max_seqs={self.pool.max_seqs})")
         for t, x in zip(tables, ids):
             t.reserve(x.numel())
         pool, dev, D = self.pool, self.device, self.D
