@@ -176,7 +176,7 @@ def test_decoder_with_window_matches_simulation(fmt, kernels):
     assert err.mean() <= 0.02 * effect.mean()
     assert t.quantized_length == fmt.quantized_length(48) and t.length == 48
     t.free()
-    assert pool.free_pages == 4 and len(pool._free_windows) == 1
+    assert pool.free_pages == 4 and pool.free_windows == 1
 
 
 def test_ragged_batch_with_window_equals_one_at_a_time():
