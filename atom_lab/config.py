@@ -44,7 +44,8 @@ class AtomConfig:
     kv_rope:          when K is quantized relative to RoPE: "pre" (Atom: quantize K BEFORE RoPE and rotate it on
                       read, in its decode kernel) or "post" (QuaRot/QServe, KIVI, vLLM: quantize the rotated K).
                       The paged cache (KVFormat.from_config) and simulate_kv honour both; the in-layer fake
-                      quantization of k_proj's output (kv_bits < 16 in quantize_model) sits before RoPE, i.e. "pre".
+                      quantization of k_proj's output (kv_bits < 16 in quantize_model) sits before RoPE, so
+                      quantize_model refuses kv_rope="post" with kv_bits < 16 (use kv_bits=16 and the cache).
     smooth_alpha:     SmoothQuant migration strength (0.5 in the paper) or None: no smoothing.
     rotation:         QuaRot-style rotation of the residual stream before calibration (atom_lab.rotation):
                       "hadamard" (randomised Hadamard), "random" (random orthogonal) or None.

@@ -137,6 +137,13 @@ def quantize_model(model, config: AtomConfig | str, calibration: Sequence[str] |
         config = AtomConfig.preset(config)
     if not isinstance(config, AtomConfig):
         raise TypeError(f"config must be an AtomConfig or a preset name, got {type(config).__name__}.")
+    if config.kv_bits < 16 and config.kv_rope != "pre":
+        # the in-layer fake quantization sits on k_proj's output, i.e. before RoPE: it cannot simulate "post"
+        raise ValueError(f"kv_rope={config.kv_rope!r} with kv_bits={config.kv_bits}: quantize_model's in-layer KV "
+                         "fake quantization is pre-RoPE only. Quantize with kv_bits=16 and put the KV format in "
+                         "the cache (PagePool with KVFormat.from_config(config), or atom_lab.paged_model."
+                         "simulate_kv(model, KVFormat.from_config(config)) for the float simulation), or use "
+                         "kv_rope='pre'.")
     blocks_name, blocks = _check_blocks(model, config)
     if backend == "triton":
         bad = sorted({m.in_features for b in blocks for m in b.modules()

@@ -274,3 +274,15 @@ def test_config_kv_rope():
                                                                                            rope="post")
     with pytest.raises(ValueError, match="kv_rope"):
         cfg.replace(kv_rope="after")
+
+
+def test_quantize_model_refuses_post_rope_in_layer_kv():
+    """quantize_model's in-layer KV fake quantization sits on k_proj's output (pre-RoPE): kv_rope="post" with
+    kv_bits < 16 is refused before any work, with the fix in the message (kv_bits=16 + the cache/simulate_kv)."""
+    cfg = atom_lab.AtomConfig.preset("atom", kv_rope="post")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))  # never reached: the check comes first
+    with pytest.raises(ValueError, match=r"kv_rope='post'.*kv_bits=16.*simulate_kv"):
+        atom_lab.quantize_model(model, cfg)
+    with pytest.raises(ValueError) as e:  # kv_bits=16 passes this check (and fails later, on the toy model)
+        atom_lab.quantize_model(model, cfg.replace(kv_bits=16))
+    assert "kv_rope" not in str(e.value)
