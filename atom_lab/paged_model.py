@@ -15,7 +15,7 @@ import math
 import torch
 
 from atom_lab.kernels.attention import (gather_kv_ref, paged_decode_attention, paged_decode_attention_ref,
-                                        prefill_attention, rope_ref)
+                                        prefill_attention, rope_ref, rope_table)
 from atom_lab.kernels.kv_cache import kv_write, kv_write_channel, kv_write_channel_ref, kv_write_ref
 from atom_lab.kv_cache import KVCacheFull, KVFormat, PagePool, PageTable
 from atom_lab.qlinear import QuantLinear
@@ -97,8 +97,18 @@ class PagedDecoder:
         self.rope_scaling = float(getattr(rot, "attention_scaling", 1.0))
         self.sm_scale = float(getattr(self.layers[0].self_attn, "scaling", self.D ** -0.5))
         self.kv_linears = [m for lay in self.layers for m in (lay.self_attn.k_proj, lay.self_attn.v_proj)]
+        self._rope_table = None
 
     # --- one step ------------------------------------------------------------------------------------------------
+    def _rope(self, n: int) -> tuple:
+        """RoPE for pre-RoPE keys: (inv_freq, scaling[, the kernel's cos | sin table of >= n positions, kept and
+        grown in powers of two, so the layers and steps share one instead of building it per call])."""
+        if self.kernels != "triton":
+            return self.inv_freq, self.rope_scaling
+        if self._rope_table is None or self._rope_table.shape[0] < n:
+            self._rope_table = rope_table(self.inv_freq, self.rope_scaling, 1 << max(8, (n - 1).bit_length()))
+        return self.inv_freq, self.rope_scaling, self._rope_table
+
     def _check_batch(self, tables, token_ids):
         if not isinstance(tables, (list, tuple)) or not tables:
             raise ValueError("tables must be a non-empty list of PageTable, one per sequence.")
@@ -155,7 +165,7 @@ class PagedDecoder:
         write = kv_write if self.kernels == "triton" else kv_write_ref
         decode_attn = paged_decode_attention if self.kernels == "triton" else paged_decode_attention_ref
         fmt = pool.fmt
-        rope = (self.inv_freq, self.rope_scaling) if fmt.rope == "pre" else None
+        rope = self._rope(max(len(t.pages) for t in tables) * pool.page_size) if fmt.rope == "pre" else None
         plan = _WindowPlan(tables, starts, lens, offsets, decode, dev) if fmt.has_window else None
 
         x = self.inner.embed_tokens(flat)[None]  # [1, N, H]
@@ -188,7 +198,7 @@ class PagedDecoder:
                         kk = gather_kv_ref(kc, ksz, fmt.bits, pages, new_len[i], pool.page_size)
                         vv = gather_kv_ref(vc, vsz, fmt.bits, pages, new_len[i], pool.page_size)
                         if rope is not None:
-                            kk = rope_ref(kk, torch.arange(new_len[i], device=dev), *rope)
+                            kk = rope_ref(kk, torch.arange(new_len[i], device=dev), rope[0], rope[1])
                         a, b = offsets[i], offsets[i + 1]
                         if self.prefill == "fresh":
                             kk[starts[i]:], vv[starts[i]:] = k_rot[a:b].float(), v[a:b].float()
@@ -250,8 +260,8 @@ class PagedDecoder:
             kf = torch.cat([old[i][0], (kin[a:b] if fresh else kin_r[a:b]).float()])  # tokens [nq0, n)
             vf = torch.cat([old[i][1], (v[a:b] if fresh else v_r[a:b]).float()])
             if rope is not None:
-                kq = rope_ref(kq, torch.arange(nq1, device=dev), *rope)
-                kf = rope_ref(kf, torch.arange(nq0, n, device=dev), *rope)
+                kq = rope_ref(kq, torch.arange(nq1, device=dev), rope[0], rope[1])
+                kf = rope_ref(kf, torch.arange(nq0, n, device=dev), rope[0], rope[1])
             qpos = torch.arange(s, n, device=dev)
             bound = torch.full_like(qpos, nq0) if fresh else fmt.quantized_length(qpos + 1)
             jq, jf = torch.arange(nq1, device=dev), torch.arange(nq0, n, device=dev)

@@ -9,9 +9,12 @@ Timed in one run on one GPU (CUDA-graph replays of each call, median of triton.t
   ours_kivi       KIVI: INT4 keys per channel over groups of 32 tokens (post-RoPE), values per token per head, and
                   the newest 128 tokens in a float16 ring (a second launch, merged by LSE)
 Shapes: Llama-2-7B attention (32 query heads x 128 = 32 KV heads) and GQA 32 q / 8 KV heads, head_dim 128, page
-size 32 (Atom's), every sequence at the full context. Random data (no model files on the GPU machine).
+size 32 (Atom's), every sequence at the full context. Random data (no model files on the GPU machine). Each of our
+kernels is checked on the GPU against paged_decode_attention_ref on the batch's first sequence (err_* in the JSON).
+The pre-RoPE kernel reads a cos/sin table built once (rope_table), as a decoder would.
 
-    python benchmarks/bench_attention.py [--json out.json] [--quick]
+    python benchmarks/bench_attention.py [--json out.json] [--quick] [--kivi]
+    python benchmarks/bench_attention.py --smoke    # CPU (Triton interpreter): tiny shapes, every path vs its ref
 """
 from __future__ import annotations
 
@@ -28,8 +31,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from atom_lab.kernels.attention import paged_decode_attention  # noqa: E402
+from atom_lab.kernels.attention import paged_decode_attention, paged_decode_attention_ref, rope_table  # noqa: E402
 from benchmarks.common import GRAPH_FAILURES, bench_ms, device_facts  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 CONFIGS = {"llama2-7b 32x128": (32, 32), "gqa 32/8 x128": (32, 8)}
 D, PAGE = 128, 32
@@ -46,33 +51,46 @@ def paged_cache(B, ctx, Hkv, bits, gen):
     n_pages = B * pages_per_seq
     S = n_pages * PAGE
     if bits == 16:
-        kc = torch.randn(S, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        kc = torch.randn(S, Hkv, D, device=DEV, dtype=torch.bfloat16, generator=gen)
         vc = torch.randn_like(kc)
         ksz = vsz = None
     else:
-        kc = torch.randint(0, 256, (S, Hkv, D // 2), device="cuda", dtype=torch.uint8, generator=gen)
-        vc = torch.randint(0, 256, (S, Hkv, D // 2), device="cuda", dtype=torch.uint8, generator=gen)
-        ksz = torch.empty(S, Hkv, 1, 2, device="cuda", dtype=torch.float16)
+        kc = torch.randint(0, 256, (S, Hkv, D // 2), device=DEV, dtype=torch.uint8, generator=gen)
+        vc = torch.randint(0, 256, (S, Hkv, D // 2), device=DEV, dtype=torch.uint8, generator=gen)
+        ksz = torch.empty(S, Hkv, 1, 2, device=DEV, dtype=torch.float16)
         ksz[..., 0] = 0.05
         ksz[..., 1] = 8.0
         vsz = ksz.clone()
-    perm = torch.randperm(n_pages, device="cuda", generator=gen).to(torch.int32)
+    perm = torch.randperm(n_pages, device=DEV, generator=gen).to(torch.int32)
     pt = perm.view(B, pages_per_seq).contiguous()
-    lengths = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+    lengths = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
     return kc, ksz, vc, vsz, pt, lengths
 
 
 def kivi_cache(B, ctx, Hkv, gen):
     """paged_cache(bits=4) with per-channel key pairs [S / Tg, Hkv, D, 2] and a float16 ring per sequence."""
     kc, _, vc, vsz, pt, lengths = paged_cache(B, ctx, Hkv, 4, gen)
-    ksz = torch.empty(kc.shape[0] // KIVI_TG, Hkv, D, 2, device="cuda", dtype=torch.float16)
+    ksz = torch.empty(kc.shape[0] // KIVI_TG, Hkv, D, 2, device=DEV, dtype=torch.float16)
     ksz[..., 0], ksz[..., 1] = 0.05, 8.0
     cap = KIVI_WINDOW + KIVI_TG - 1
-    k_win = torch.randn(B * cap, Hkv, D, device="cuda", dtype=torch.float16, generator=gen)
+    k_win = torch.randn(B * cap, Hkv, D, device=DEV, dtype=torch.float16, generator=gen)
     v_win = torch.randn_like(k_win)
-    ids = torch.arange(B, dtype=torch.int32, device="cuda")
-    qlen = torch.full((B,), (ctx - KIVI_WINDOW) // KIVI_TG * KIVI_TG, dtype=torch.int32, device="cuda")
+    ids = torch.arange(B, dtype=torch.int32, device=DEV)
+    qlen = torch.full((B,), (ctx - KIVI_WINDOW) // KIVI_TG * KIVI_TG, dtype=torch.int32, device=DEV)
     return (kc, ksz, vc, vsz, pt, lengths), (k_win, v_win, ids, qlen, cap)
+
+
+def check_first(q, cache, bits, ctx, rope, window=None, **kw):
+    """max |ours - ref| on the batch's first sequence (the reference loops over sequences in PyTorch)."""
+    kc, ksz, vc, vsz, pt, lengths = cache
+    kivi = dict(key_tokens=KIVI_TG, window=window) if window is not None else {}
+    out = paged_decode_attention(q, kc, ksz, vc, vsz, pt, lengths, bits, PAGE, D ** -0.5, rope, max_length=ctx,
+                                 **kivi, **kw)
+    if window is not None:
+        kivi["window"] = tuple(w[:1] if isinstance(w, torch.Tensor) and w.dim() == 1 else w for w in window)
+    ref = paged_decode_attention_ref(q[:1], kc, ksz, vc, vsz, pt[:1], lengths[:1], bits, PAGE, D ** -0.5, rope,
+                                     **kivi)
+    return float((out[:1].float() - ref).abs().max())
 
 
 def bench_ours(q, cache, bits, ctx, rope, log, window=None):
@@ -94,8 +112,8 @@ def bench_ours(q, cache, bits, ctx, rope, log, window=None):
 
 
 def bench_sdpa(B, ctx, Hq, Hkv, gen):
-    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(B, Hkv, ctx, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(B, Hq, 1, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, Hkv, ctx, D, device=DEV, dtype=torch.bfloat16, generator=gen)
     v = torch.randn_like(k)
     times = {}
     for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
@@ -113,6 +131,27 @@ def bench_sdpa(B, ctx, Hq, Hkv, gen):
     return times
 
 
+def smoke() -> int:
+    """Every path the benchmark times, on tiny shapes under the interpreter, against the reference (no timing)."""
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=DEV).float() / D))
+    B, ctx, worst = 2, 256, 0.0
+    for cname, (Hq, Hkv) in (("mha 4x128", (4, 4)), ("gqa 4/2 x128", (4, 2))):
+        q = torch.randn(B, Hq, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+        for label, bits, rope in (("bf16", 16, None), ("int4 post", 4, None),
+                                  ("int4 pre", 4, (inv_freq, 1.0, rope_table(inv_freq, 1.0, ctx)))):
+            err = check_first(q, paged_cache(B, ctx, Hkv, bits, gen), bits, ctx, rope)
+            worst = max(worst, err)
+            print(f"{cname:14s} {label:10s} max|ours - ref| {err:.2e}")
+        ck, win = kivi_cache(B, ctx, Hkv, gen)
+        err = check_first(q, ck, 4, ctx, None, window=win)
+        worst = max(worst, err)
+        print(f"{cname:14s} {'kivi':10s} max|ours - ref| {err:.2e}")
+    ok = worst < 2e-2  # bf16 q and float16 operands over values of |v| <= ~4: tests/test_attention.py's bound
+    print("smoke", "ok" if ok else "FAILED", f"(worst {worst:.2e})")
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
@@ -121,40 +160,49 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default=None, help="comma-separated batches (default: all, or 8,128 with --quick)")
     ap.add_argument("--contexts", default=None, help="comma-separated contexts")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    ap.add_argument("--smoke", action="store_true", help="CPU check of every path on tiny shapes, no timing")
     args = ap.parse_args(argv)
+    if args.smoke:
+        return smoke()
     if not torch.cuda.is_available():
-        print("bench_attention needs a CUDA GPU (timings under the interpreter mean nothing).")
+        print("bench_attention needs a CUDA GPU (timings under the interpreter mean nothing); --smoke checks the "
+              "paths on the CPU.")
         return 1
     batches, contexts = ([8, 128], [4096, 16384]) if args.quick else (BATCHES, CONTEXTS)
     batches = [int(x) for x in args.batches.split(",")] if args.batches else batches
     contexts = [int(x) for x in args.contexts.split(",")] if args.contexts else contexts
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=DEV).float() / D))
+    table = rope_table(inv_freq, 1.0, max(contexts))
     rows, t_start = [], time.time()
     print(f"{'config':18s} {'B':>4s} {'ctx':>6s} {'sdpa us':>8s} {'be':>6s} {'bf16 us':>8s} {'int4post':>8s} "
-          f"{'int4pre':>8s} {'x post':>6s} {'x pre':>6s} {'TB/s int4':>9s} {'x kivi':>6s}")
-    for cname in args.configs.split(","):
-        Hq, Hkv = CONFIGS[cname]
-        for B in batches:
-            for ctx in contexts:
+          f"{'int4pre':>8s} {'kivi':>8s} {'x post':>6s} {'x pre':>6s} {'x kivi':>6s} {'TB/s int4':>9s} {'err':>8s}")
+    # the configs innermost: a run cut short by its time limit keeps both configs at the smaller sizes
+    for B in batches:
+        for ctx in contexts:
+            for cname in args.configs.split(","):
+                Hq, Hkv = CONFIGS[cname]
                 if B * ctx > MAX_TOKENS:
                     continue
                 sd = bench_sdpa(B, ctx, Hq, Hkv, gen)
                 be = min(sd, key=sd.get)
-                q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                q = torch.randn(B, Hq, D, device=DEV, dtype=torch.bfloat16, generator=gen)
                 row = dict(config=cname, Hq=Hq, Hkv=Hkv, D=D, batch=B, context=ctx, page_size=PAGE,
                            sdpa_ms=sd, sdpa_best=be, sdpa_best_ms=sd[be])
                 c16 = paged_cache(B, ctx, Hkv, 16, gen)
+                row["err_bf16"] = check_first(q, c16, 16, ctx, None)
                 r = bench_ours(q, c16, 16, ctx, None, print)
                 row["ours_bf16_ms"], row["ours_bf16_cfg"] = (r[0], r[1:]) if r else (None, None)
                 del c16
                 c4 = paged_cache(B, ctx, Hkv, 4, gen)
-                for mode, rope in (("post", None), ("pre", (inv_freq, 1.0))):
+                for mode, rope in (("post", None), ("pre", (inv_freq, 1.0, table))):
+                    row[f"err_int4_{mode}"] = check_first(q, c4, 4, ctx, rope)
                     r = bench_ours(q, c4, 4, ctx, rope, print)
                     row[f"ours_int4_{mode}_ms"], row[f"ours_int4_{mode}_cfg"] = (r[0], r[1:]) if r else (None, None)
                 del c4
                 if args.kivi:
                     ck, win = kivi_cache(B, ctx, Hkv, gen)
+                    row["err_kivi"] = check_first(q, ck, 4, ctx, None, window=win)
                     r = bench_ours(q, ck, 4, ctx, None, print, window=win)
                     row["ours_kivi_ms"], row["ours_kivi_cfg"] = (r[0], r[1:]) if r else (None, None)
                     row["speedup_kivi"] = sd[be] / r[0] if r else None
@@ -169,25 +217,28 @@ def main(argv=None) -> int:
                 row["int4_post_tbs"] = kv_bytes_int4 / post_ms / 1e9 if post_ms else None
                 row["sdpa_tbs"] = kv_bytes_bf16 / sd[be] / 1e9
                 rows.append(row)
+                err = max(v for k, v in row.items() if k.startswith("err_"))
 
                 def us(x):
                     return f"{x * 1e3:8.1f}" if x else "     n/a"
                 print(f"{cname:18s} {B:4d} {ctx:6d} {us(sd[be])} {be:>6s} {us(row['ours_bf16_ms'])} "
-                      f"{us(row['ours_int4_post_ms'])} {us(row['ours_int4_pre_ms'])} "
+                      f"{us(row['ours_int4_post_ms'])} {us(row['ours_int4_pre_ms'])} {us(row.get('ours_kivi_ms'))} "
                       f"{row['speedup_int4_post'] or 0:6.2f} {row['speedup_int4_pre'] or 0:6.2f} "
-                      f"{row['int4_post_tbs'] or 0:9.2f} {row.get('speedup_kivi') or 0:6.2f}", flush=True)
+                      f"{row.get('speedup_kivi') or 0:6.2f} {row['int4_post_tbs'] or 0:9.2f} {err:8.1e}",
+                      flush=True)
                 torch.cuda.empty_cache()
                 if args.json:  # after every case, so a run cut short by a time limit still leaves its rows
                     write_json(args.json, rows, None)
     barred = [r for r in rows if r["context"] >= 4096 and r["batch"] >= 8 and r["speedup_int4_post"]]
-    summary = {"bar": BAR, "cases_in_bar_region": len(barred),
-               "min_speedup_post": min((r["speedup_int4_post"] for r in barred), default=None),
-               "max_speedup_post": max((r["speedup_int4_post"] for r in barred), default=None),
-               "min_speedup_pre": min((r["speedup_int4_pre"] for r in barred), default=None),
-               "max_speedup_pre": max((r["speedup_int4_pre"] for r in barred), default=None),
-               "min_speedup_kivi": min((r["speedup_kivi"] for r in barred if r.get("speedup_kivi")), default=None),
-               "max_speedup_kivi": max((r["speedup_kivi"] for r in barred if r.get("speedup_kivi")), default=None),
-               "seconds": round(time.time() - t_start, 1)}
+
+    def span(key):
+        vals = [r[key] for r in barred if r.get(key)]
+        return (min(vals), max(vals)) if vals else (None, None)
+    summary = {"bar": BAR, "cases_in_bar_region": len(barred), "seconds": round(time.time() - t_start, 1),
+               "max_err_vs_ref": max((v for r in rows for k, v in r.items() if k.startswith("err_")), default=None)}
+    for k in ("post", "pre", "kivi"):
+        key = "speedup_kivi" if k == "kivi" else f"speedup_int4_{k}"
+        summary[f"min_speedup_{k}"], summary[f"max_speedup_{k}"] = span(key)
     print(json.dumps(summary))
     if args.json:
         write_json(args.json, rows, summary)

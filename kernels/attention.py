@@ -42,6 +42,13 @@ def rope_ref(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scaling
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
 
 
+def rope_table(inv_freq: torch.Tensor, scaling: float, n: int) -> torch.Tensor:
+    """cos | sin of positions 0..n-1 as float32 [n, D] (cos in [:, :D/2], sin in [:, D/2:]), computed as rope_ref
+    computes them: the decode kernel reads a row per position instead of evaluating cos/sin per element."""
+    freqs = torch.arange(n, device=inv_freq.device).float()[:, None] * inv_freq.float()[None, :]
+    return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=1).contiguous()
+
+
 def gather_kv_ref(codes: torch.Tensor, sz: torch.Tensor | None, bits: int, pages: torch.Tensor, length: int,
                   page_size: int, key_tokens: int | None = None) -> torch.Tensor:
     """The first `length` tokens of one sequence as float32 [length, Hkv, D] (dequantized). pages: int [n_pages].
@@ -71,7 +78,8 @@ def paged_decode_attention_ref(q, k_codes, k_sz, v_codes, v_sz, page_table, leng
         k_codes, v_codes: a layer's storage (module docstring); k_sz, v_sz: its (scale, zero) or None for bits 16.
         page_table: int32 [B, max_pages] page ids (entries past a sequence's pages are ignored).
         lengths: int32 [B] tokens in each sequence (>= 1), including the one just written.
-        rope: (inv_freq float32 [D/2], scaling) when K is stored before RoPE (rotated here at positions 0..len-1).
+        rope: (inv_freq float32 [D/2], scaling) when K is stored before RoPE (rotated here at positions 0..len-1);
+            a third entry, rope_table(inv_freq, scaling, n) with n >= every length, is the kernel's (ignored here).
         key_tokens: Tg for KIVI keys (k_sz float16 [S / Tg, Hkv, D, 2]), None for keys per token.
         window: (k_win, v_win, window_ids int32 [B], quant_lengths int32 [B], capacity W) when the newest tokens
             [quant_lengths[b], lengths[b]) sit in the float ring (module docstring); the codes hold [0, quant_len).
@@ -90,7 +98,7 @@ def paged_decode_attention_ref(q, k_codes, k_sz, v_codes, v_sz, page_table, leng
             k = torch.cat([k, gather_window_ref(window[0], wid, nq, n, cap)])
             v = torch.cat([v, gather_window_ref(window[1], wid, nq, n, cap)])
         if rope is not None:
-            k = rope_ref(k, torch.arange(n, device=q.device), *rope)
+            k = rope_ref(k, torch.arange(n, device=q.device), rope[0], rope[1])
         rep = Hq // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [n, Hq, D]
         scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * sm_scale
@@ -119,75 +127,91 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
 # Triton: split-KV decode + merge
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_half(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-               BITS: tl.constexpr, mask, TG: tl.constexpr = 0):
-    """Rows `slot` [N] of head h -> (channels [0, D/2), channels [D/2, D)) as float32 [N, D/2] each, dequantized.
-    TG > 0: KIVI keys, the (scale, zero) of channel c of slot s at sz[s // TG, h, c]."""
-    d = tl.arange(0, HALF)[None, :]
-    row = slot[:, None] * Hkv + h
-    m = mask[:, None]
-    if BITS == 16:
-        lo = tl.load(codes_ptr + row * D + d, mask=m, other=0.0).to(tl.float32)
-        hi = tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0.0).to(tl.float32)
-    else:
-        NG: tl.constexpr = D // G
-        if BITS == 4:
-            b = tl.load(codes_ptr + row * HALF + d, mask=m, other=0)
-            clo = (b & 0xF).to(tl.float32)
-            chi = (b >> 4).to(tl.float32)
-        else:
-            clo = tl.load(codes_ptr + row * D + d, mask=m, other=0).to(tl.float32)
-            chi = tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0).to(tl.float32)
-        base = sz_ptr + row * (NG * 2)
-        if TG > 0:
-            base = sz_ptr + ((slot[:, None] // TG) * Hkv + h) * (D * 2)
-            lo = (clo - tl.load(base + d * 2 + 1, mask=m, other=0.0).to(tl.float32)) * \
-                tl.load(base + d * 2, mask=m, other=0.0).to(tl.float32)
-            hi = (chi - tl.load(base + (d + HALF) * 2 + 1, mask=m, other=0.0).to(tl.float32)) * \
-                tl.load(base + (d + HALF) * 2, mask=m, other=0.0).to(tl.float32)
-        elif NG == 1:  # one (scale, zero) per token per head: broadcast, no per-channel loads
-            s = tl.load(base, mask=m, other=0.0).to(tl.float32)
-            z = tl.load(base + 1, mask=m, other=0.0).to(tl.float32)
-            lo = (clo - z) * s
-            hi = (chi - z) * s
-        else:
-            glo = (d // G) * 2
-            ghi = ((d + HALF) // G) * 2
-            lo = (clo - tl.load(base + glo + 1, mask=m, other=0.0).to(tl.float32)) * \
-                tl.load(base + glo, mask=m, other=0.0).to(tl.float32)
-            hi = (chi - tl.load(base + ghi + 1, mask=m, other=0.0).to(tl.float32)) * \
-                tl.load(base + ghi, mask=m, other=0.0).to(tl.float32)
-    return lo, hi
+def _codes_f16(b, SHIFT: tl.constexpr, MASK: tl.constexpr):
+    """uint8 codes -> their integer values as float16, exactly, with no int->float conversion instruction (those
+    run at 16 per clock per SM on Hopper and capped the INT4 kernel at ~1 TB/s): the bits 0x6400 | c are the
+    float16 1024 + c for 0 <= c < 1024, so two integer ops and one float16 subtraction give c."""
+    x = ((b.to(tl.uint16) >> SHIFT) & MASK) | 0x6400
+    return x.to(tl.float16, bitcast=True) - 1024.0
 
 
 @triton.jit
-def _load_codes(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, mask):
-    """Rows `slot` [N] of head h, one (scale, zero) per row -> (codes of channels [0, D/2) and [D/2, D) as float16
-    [N, D/2] each, exact integers; scale [N] and zero [N] as float32)."""
+def _load_codes(codes_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, mask):
+    """Rows `slot` [N] of head h -> codes of channels [0, D/2) and [D/2, D) as float16 [N, D/2] each (exact)."""
     d = tl.arange(0, HALF)[None, :]
     row = slot[:, None] * Hkv + h
     m = mask[:, None]
     if BITS == 4:
         b = tl.load(codes_ptr + row * HALF + d, mask=m, other=0)
-        clo = (b & 0xF).to(tl.float16)
-        chi = (b >> 4).to(tl.float16)
+        return _codes_f16(b, 0, 0xF), _codes_f16(b, 4, 0xF)
     else:
-        clo = tl.load(codes_ptr + row * D + d, mask=m, other=0).to(tl.float16)
-        chi = tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0).to(tl.float16)
-    s = tl.load(sz_ptr + slot * (Hkv * 2) + h * 2, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(sz_ptr + slot * (Hkv * 2) + h * 2 + 1, mask=mask, other=0.0).to(tl.float32)
-    return clo, chi, s, z
+        clo = _codes_f16(tl.load(codes_ptr + row * D + d, mask=m, other=0), 0, 0xFF)
+        chi = _codes_f16(tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0), 0, 0xFF)
+        return clo, chi
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_ptr, len_ptr, inv_freq_ptr, o_ptr,
-                         lse_ptr, Hq, Hkv, max_pages, tokens_per_split, sm_scale, rope_scaling, split0,
+def _load_half(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+               BITS: tl.constexpr, mask, TG: tl.constexpr = 0, F32: tl.constexpr = False):
+    """Rows `slot` [N] of head h -> (channels [0, D/2), channels [D/2, D)) as float16 [N, D/2] each, dequantized
+    (float32 with F32, for RoPE: one rounding to float16 after it). (c - z) * s in float16 is the float32 result
+    rounded once: c - z is a small integer (exact) and the product of two float16 is exact in float32.
+    TG > 0: KIVI keys, the pair of channel c of slot s at sz[s // TG, h, c]."""
+    d = tl.arange(0, HALF)[None, :]
+    row = slot[:, None] * Hkv + h
+    m = mask[:, None]
+    OUT: tl.constexpr = tl.float32 if F32 else tl.float16
+    if BITS == 16:
+        lo = tl.load(codes_ptr + row * D + d, mask=m, other=0.0).to(OUT)
+        hi = tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0.0).to(OUT)
+    else:
+        NG: tl.constexpr = D // G
+        clo, chi = _load_codes(codes_ptr, slot, h, Hkv, HALF, D, BITS, mask)
+        if TG > 0:
+            base = sz_ptr + ((slot[:, None] // TG) * Hkv + h) * (D * 2)
+            glo = d * 2
+            ghi = (d + HALF) * 2
+        else:
+            base = sz_ptr + row * (NG * 2)
+            glo = (d // G) * 2
+            ghi = ((d + HALF) // G) * 2
+        lo = (clo - tl.load(base + glo + 1, mask=m, other=0.0)).to(OUT) * \
+            tl.load(base + glo, mask=m, other=0.0).to(OUT)
+        hi = (chi - tl.load(base + ghi + 1, mask=m, other=0.0)).to(OUT) * \
+            tl.load(base + ghi, mask=m, other=0.0).to(OUT)
+    return lo, hi
+
+
+@triton.jit
+def _rope_rows(lo, hi, tab_ptr, t, HALF: tl.constexpr, mask):
+    """Rotate float32 halves [N, D/2] at positions t [N] with the table rows tab[t] = (cos | sin) [D] (float32,
+    rope_table: the reference's own values, so no transcendental per element here)."""
+    d = tl.arange(0, HALF)[None, :]
+    trow = tab_ptr + t[:, None] * (2 * HALF)
+    c = tl.load(trow + d, mask=mask[:, None], other=0.0)
+    s = tl.load(trow + HALF + d, mask=mask[:, None], other=0.0)
+    return lo * c - hi * s, hi * c + lo * s
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_ptr, len_ptr, tab_ptr, o_ptr,
+                         lse_ptr, Hq, Hkv, max_pages, tokens_per_split, sm_scale, split0,
                          D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PAGE: tl.constexpr,
                          QPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
-                         NSPLIT: tl.constexpr, KEY_TG: tl.constexpr, RING: tl.constexpr, HAS_START: tl.constexpr):
+                         NSPLIT: tl.constexpr, KEY_TG: tl.constexpr, RING: tl.constexpr, HAS_START: tl.constexpr,
+                         K_MODE: tl.constexpr, V_MODE: tl.constexpr):
     # Program (b, h, sp): query heads h*QPK .. h*QPK+QPK-1 of sequence b over tokens [t0, t0 + TPS) of its range
     # [start_b, n_b); writes split split0 + sp of the (o, lse) buffers. RING: slot = pt[b, 0] * PAGE + t % PAGE
     # (a float window, PAGE = its capacity) instead of a page-table lookup.
+    # K_MODE (how scores come out of the keys; the wrapper picks it):
+    #   0 dequantize each element (float cache, sub-head groups, KIVI groups shorter than BLOCK_N), RoPE if asked;
+    #   1 one (scale, zero) per token per head: scores s_t * (q . c_t - z_t * sum(q)) from the raw codes (post-
+    #     RoPE), or s_t * q . R_t (c_t - z_t) (pre-RoPE: the rotation of exact integers, then one float16 rounding);
+    #   2 KIVI keys, one token group per tile (BLOCK_N divides Tg): the group's per-channel scales are folded into
+    #     q once per tile, q_s = q * s, scores q_s . c_t - q_s . z (no per-element dequantization);
+    #   3 KIVI keys, one token group per tile, pre-RoPE: the group's pairs loaded once per tile and broadcast.
+    # V_MODE: 0 dequantize each element; 1 one pair per token per head: the scale folded into the probabilities,
+    #   sum_t p_t s_t (c_t - z_t) = (p * s) . C - sum_t p_t s_t z_t (vLLM's int4_per_token_head does the same).
     b = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -205,65 +229,81 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
     d = tl.arange(0, HALF)
     qrow = q_ptr + (b * Hq + qh[:, None]) * D
     # fp16 operands for the tensor cores (tl.dot needs >= 16 rows: BLOCK_Q pads the QPK heads), fp32 accumulators
-    q_lo = (tl.load(qrow + d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32) * sm_scale).to(tl.float16)
-    q_hi = (tl.load(qrow + HALF + d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32) * sm_scale).to(
-        tl.float16)
+    q32_lo = tl.load(qrow + d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32) * sm_scale
+    q32_hi = tl.load(qrow + HALF + d[None, :], mask=qmask[:, None], other=0.0).to(tl.float32) * sm_scale
+    q_lo = q32_lo.to(tl.float16)
+    q_hi = q32_hi.to(tl.float16)
+    q_sum = tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1)
     m_i = tl.full([BLOCK_Q], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc_lo = tl.zeros([BLOCK_Q, HALF], tl.float32)
     acc_hi = tl.zeros([BLOCK_Q, HALF], tl.float32)
-    if ROPE:
-        inv_freq = tl.load(inv_freq_ptr + d)
-    if BITS < 16 and D // G == 1 and not ROPE and KEY_TG == 0:
-        # One (scale, zero) per token per head, keys after RoPE: no per-element dequantization at all. Scores
-        # s_t * (q . c_t - z_t * sum(q)) from the raw codes, and the value scale folded into the probabilities:
-        # sum_t p_t s_t (c_t - z_t) = (p * s) . C - sum_t p_t s_t z_t (vLLM's int4_per_token_head does the same).
-        q_sum = tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1)
-        for start in range(t0, t_end, BLOCK_N):
-            t = start + tl.arange(0, BLOCK_N)
-            tmask = t < t_end
-            page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)
+    for start in range(t0, t_end, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        tmask = t < t_end
+        if RING:
+            slot = tl.load(pt_ptr + b * max_pages).to(tl.int64) * PAGE + t % PAGE
+        else:
+            page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)  # page table, per token
             slot = page.to(tl.int64) * PAGE + t % PAGE
-            c_lo, c_hi, ks, kz = _load_codes(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
-            qc = tl.dot(q_lo, tl.trans(c_lo)) + tl.dot(q_hi, tl.trans(c_hi))
-            sc = ks[None, :] * (qc - kz[None, :] * q_sum[:, None])
-            sc = tl.where(tmask[None, :], sc, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(sc - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_lo, v_hi, vs, vz = _load_codes(vc_ptr, vsz_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
+        if K_MODE == 1:
+            c_lo, c_hi = _load_codes(kc_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
+            ks = tl.load(ksz_ptr + slot * (Hkv * 2) + h * 2, mask=tmask, other=0.0).to(tl.float32)
+            kz = tl.load(ksz_ptr + slot * (Hkv * 2) + h * 2 + 1, mask=tmask, other=0.0)
+            if ROPE:  # rotate the exact integers c - z, round once to float16, the scale after the dot
+                u_lo, u_hi = _rope_rows((c_lo - kz[:, None]).to(tl.float32), (c_hi - kz[:, None]).to(tl.float32),
+                                        tab_ptr, t, HALF, tmask)
+                sc = ks[None, :] * (tl.dot(q_lo, tl.trans(u_lo.to(tl.float16))) +
+                                    tl.dot(q_hi, tl.trans(u_hi.to(tl.float16))))
+            else:
+                qc = tl.dot(q_lo, tl.trans(c_lo)) + tl.dot(q_hi, tl.trans(c_hi))
+                sc = ks[None, :] * (qc - kz.to(tl.float32)[None, :] * q_sum[:, None])
+        elif K_MODE == 2 or K_MODE == 3:
+            # the tile's tokens share one key group: its pairs are one [D] row of k_sz (scale, zero interleaved)
+            g = tl.load(pt_ptr + b * max_pages + start // PAGE).to(tl.int64) * (PAGE // KEY_TG) + \
+                (start % PAGE) // KEY_TG
+            gbase = ksz_ptr + (g * Hkv + h) * (D * 2)
+            s_lo = tl.load(gbase + d * 2)
+            z_lo = tl.load(gbase + d * 2 + 1)
+            s_hi = tl.load(gbase + (d + HALF) * 2)
+            z_hi = tl.load(gbase + (d + HALF) * 2 + 1)
+            c_lo, c_hi = _load_codes(kc_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
+            if K_MODE == 2:
+                qs_lo = (q32_lo * s_lo.to(tl.float32)[None, :]).to(tl.float16)
+                qs_hi = (q32_hi * s_hi.to(tl.float32)[None, :]).to(tl.float16)
+                bias = tl.sum(qs_lo.to(tl.float32) * z_lo.to(tl.float32)[None, :], axis=1) + \
+                    tl.sum(qs_hi.to(tl.float32) * z_hi.to(tl.float32)[None, :], axis=1)
+                sc = tl.dot(qs_lo, tl.trans(c_lo)) + tl.dot(qs_hi, tl.trans(c_hi)) - bias[:, None]
+            else:
+                k_lo, k_hi = _rope_rows((c_lo - z_lo[None, :]).to(tl.float32) * s_lo.to(tl.float32)[None, :],
+                                        (c_hi - z_hi[None, :]).to(tl.float32) * s_hi.to(tl.float32)[None, :],
+                                        tab_ptr, t, HALF, tmask)
+                sc = tl.dot(q_lo, tl.trans(k_lo.to(tl.float16))) + tl.dot(q_hi, tl.trans(k_hi.to(tl.float16)))
+        else:
+            k_lo, k_hi = _load_half(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask, KEY_TG, ROPE)
+            if ROPE:  # K stored before RoPE (Atom): rotate the dequantized halves at their positions
+                k_lo, k_hi = _rope_rows(k_lo, k_hi, tab_ptr, t, HALF, tmask)
+                k_lo, k_hi = k_lo.to(tl.float16), k_hi.to(tl.float16)
+            sc = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
+        sc = tl.where(tmask[None, :], sc, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if V_MODE == 1:
+            v_lo, v_hi = _load_codes(vc_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
+            vs = tl.load(vsz_ptr + slot * (Hkv * 2) + h * 2, mask=tmask, other=0.0).to(tl.float32)
+            vz = tl.load(vsz_ptr + slot * (Hkv * 2) + h * 2 + 1, mask=tmask, other=0.0).to(tl.float32)
             ps16 = (p * vs[None, :]).to(tl.float16)
             pz = tl.sum(ps16.to(tl.float32) * vz[None, :], axis=1)  # the same rounded p * s as the dot
             acc_lo = acc_lo * alpha[:, None] + tl.dot(ps16, v_lo) - pz[:, None]
             acc_hi = acc_hi * alpha[:, None] + tl.dot(ps16, v_hi) - pz[:, None]
-            m_i = m_new
-    else:
-        for start in range(t0, t_end, BLOCK_N):
-            t = start + tl.arange(0, BLOCK_N)
-            tmask = t < t_end
-            if RING:
-                slot = tl.load(pt_ptr + b * max_pages).to(tl.int64) * PAGE + t % PAGE
-            else:
-                page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)  # page table, per token
-                slot = page.to(tl.int64) * PAGE + t % PAGE
-            k_lo, k_hi = _load_half(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask, KEY_TG)
-            if ROPE:  # K stored before RoPE (Atom): rotate the dequantized halves at their positions
-                f = t.to(tl.float32)[:, None] * inv_freq[None, :]
-                c = tl.cos(f) * rope_scaling
-                s = tl.sin(f) * rope_scaling
-                k_lo, k_hi = k_lo * c - k_hi * s, k_hi * c + k_lo * s
-            sc = tl.dot(q_lo, tl.trans(k_lo.to(tl.float16))) + tl.dot(q_hi, tl.trans(k_hi.to(tl.float16)))
-            sc = tl.where(tmask[None, :], sc, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(sc - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+        else:
             v_lo, v_hi = _load_half(vc_ptr, vsz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
             p16 = p.to(tl.float16)
-            acc_lo = acc_lo * alpha[:, None] + tl.dot(p16, v_lo.to(tl.float16))
-            acc_hi = acc_hi * alpha[:, None] + tl.dot(p16, v_hi.to(tl.float16))
-            m_i = m_new
+            acc_lo = acc_lo * alpha[:, None] + tl.dot(p16, v_lo)
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(p16, v_hi)
+        m_i = m_new
     valid = t0 < n
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     sp = split0 + sp
@@ -302,10 +342,12 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
                            window: tuple | None = None) -> torch.Tensor:
     """Triton split-KV decode attention; same arguments and result as paged_decode_attention_ref (float32 out).
 
+    rope: (inv_freq, scaling) or (inv_freq, scaling, table): table = rope_table(inv_freq, scaling, n), n >=
+        max_length, built once by the caller (else built here on every call).
     num_splits: KV splits per sequence (default: enough programs to fill the GPU; 1-2 on the CPU interpreter).
     max_length: an upper bound of `lengths` (default: the page table's capacity); no device read-back, so the
         call can be captured in a CUDA graph. block_n: tokens per loop step (default 64, 32 at head_dim 256; 128
-        when interpreting).
+        when interpreting; KIVI keys: at most key_tokens when that is >= 16, so a tile holds one key group).
     key_tokens, window: KIVI keys and the float window (see paged_decode_attention_ref): the codes [0, n_q) and
         the ring [n_q, n) are two launches of the same kernel writing disjoint splits of one LSE merge.
     """
@@ -349,6 +391,22 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     # tokens per loop step: few, large steps for the interpreter; on a GPU 64, or 32 at head_dim 256, where the
     # dequantized [64, 128] halves of K and V and KIVI's per-channel pairs overflow the shared memory (H200: 272 KB)
     block_n = block_n or (128 if interpreting() else 32 if D >= 256 else 64)
+    if key_tokens and key_tokens >= 16:  # one key group per tile: its pairs are loaded once (K_MODE 2/3)
+        block_n = min(block_n, key_tokens)
+    if rope is not None:
+        if len(rope) == 3:
+            inv_freq, scaling, table = rope
+            check_tensor(table, "rope table", torch.float32, dim=2)
+            if table.shape[0] < max_length or table.shape[1] != D:
+                raise ValueError(f"rope table {tuple(table.shape)} must be rope_table(inv_freq, scaling, n) with n "
+                                 f">= max_length={max_length} rows of head_dim={D}.")
+        else:
+            table = rope_table(rope[0], rope[1], max_length)
+    else:
+        table = q
+    k_mode = 0 if bits >= 16 else 1 if (not key_tokens and G == D) else \
+        (3 if rope is not None else 2) if key_tokens and key_tokens % block_n == 0 else 0
+    v_mode = 1 if bits < 16 and G == D else 0
     blocks = max(1, -(-max_length // block_n))
     if num_splits is None:  # aim at ~4 programs per SM of the H200 over the B * Hkv (sequence, head) pairs
         num_splits = min(2, blocks) if interpreting() else max(1, min(blocks, -(-528 // (B * Hkv))))
@@ -362,20 +420,19 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     total = num_splits + win_splits
     o = torch.empty(B, Hq, total, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hq, total, dtype=torch.float32, device=q.device)
-    inv_freq, scaling = rope if rope is not None else (q, 1.0)
     q = q.contiguous()
     common = dict(D=D, QPK=qpk, BLOCK_Q=max(16, triton.next_power_of_2(qpk)), BLOCK_N=block_n,
                   ROPE=rope is not None, NSPLIT=total, num_warps=num_warps)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_codes, k_sz if k_sz is not None else k_codes, v_codes, v_sz if v_sz is not None else v_codes,
-        page_table, lengths, lengths if window is None else quant_len, inv_freq, o, lse, Hq, Hkv, max_pages,
-        tokens_per_split, float(sm_scale), float(scaling), 0, G=G, BITS=bits, PAGE=page_size,
-        KEY_TG=key_tokens or 0, RING=False, HAS_START=False, **common)
+        page_table, lengths, lengths if window is None else quant_len, table, o, lse, Hq, Hkv, max_pages,
+        tokens_per_split, float(sm_scale), 0, G=G, BITS=bits, PAGE=page_size, KEY_TG=key_tokens or 0, RING=False,
+        HAS_START=False, K_MODE=k_mode, V_MODE=v_mode, **common)
     if window is not None:  # the float ring: tokens [n_q, n) of each sequence
         _decode_split_kernel[(B, Hkv, 1)](
-            q, k_win, k_win, v_win, v_win, win_ids[:, None], quant_len, lengths, inv_freq, o, lse, Hq, Hkv, 1,
-            win_tps, float(sm_scale), float(scaling), num_splits, G=D, BITS=16, PAGE=cap, KEY_TG=0, RING=True,
-            HAS_START=True, **common)
+            q, k_win, k_win, v_win, v_win, win_ids[:, None], quant_len, lengths, table, o, lse, Hq, Hkv, 1,
+            win_tps, float(sm_scale), num_splits, G=D, BITS=16, PAGE=cap, KEY_TG=0, RING=True, HAS_START=True,
+            K_MODE=0, V_MODE=0, **common)
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
     _merge_kernel[(B * Hq,)](o, lse, out, D=D, NSPLIT=total, BLOCK_S=triton.next_power_of_2(total))
     return out

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from atom_lab.kernels.attention import (merge_splits_ref, paged_decode_attention, paged_decode_attention_ref,
-                                        prefill_attention, rope_ref)
+                                        prefill_attention, rope_ref, rope_table)
 from atom_lab.kernels.kv_cache import dequantize_kv_ref, kv_write_ref
 
 DEV = atom_lab.default_device()
@@ -131,3 +131,17 @@ def test_decode_errors():
         paged_decode_attention(q, kc, sz, kc, sz, pt, ln, 4, 32, 1.0)
     with pytest.raises(TypeError, match="int32"):
         paged_decode_attention(q[:, :2], kc, sz, kc, sz, pt.long(), ln, 4, 32, 1.0)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, device=DEV).float() / 64))
+    with pytest.raises(ValueError, match="rope table"):  # 8 rows for a page table of 32 positions
+        paged_decode_attention(q[:, :2], kc, sz, kc, sz, pt, ln, 4, 32, 1.0, (inv, 1.0, rope_table(inv, 1.0, 8)))
+
+
+def test_rope_table_is_rope_refs_values():
+    """The decode kernel's cos | sin table holds exactly the values rope_ref rotates with (bit for bit)."""
+    x, pos = torch.randn(37, 2, 16), torch.arange(37)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    tab = rope_table(inv, 0.75, 40)
+    c, s = tab[pos, None, :8], tab[pos, None, 8:]
+    x1, x2 = x[..., :8], x[..., 8:]
+    assert tab.shape == (40, 16) and torch.equal(rope_ref(x, pos, inv, 0.75),
+                                                 torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1))

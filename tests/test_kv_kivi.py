@@ -113,7 +113,7 @@ def fp16_bound_kivi(q, pool, bits, sm_scale):
 
 
 CASES = [  # (B, Hq, Hkv, D, bits, group, key_tokens, window, page, rope)
-    (3, 9, 3, 64, 4, None, 16, 0, 32, "pre"),
+    (3, 9, 3, 64, 4, None, 32, 0, 32, "pre"),  # KIVI pre-RoPE, one key group per tile (K_MODE 3)
     (4, 8, 2, 128, 4, 32, 32, 40, 32, "post"),
     (2, 8, 1, 64, 8, None, 8, 5, 16, "pre"),
     (5, 4, 4, 64, 4, None, None, 24, 16, "post"),  # window only: the per-head fast path over the codes
