@@ -135,6 +135,20 @@ def _scale_fp16(amax, clip, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _scale_fp16_fast(amax, clip, QMAX: tl.constexpr, FAST: tl.constexpr):
+    """_scale_fp16 (the same bits); FAST: the IEEE division by QMAX as a multiply by RN(1 / QMAX) and Markstein's
+    correction (see _nibbles): every lane holding part of a group computes its scale, so this runs per 4 values."""
+    a = amax * clip
+    if FAST:
+        r = tl.math.div_rn(tl.full(a.shape, 1.0, tl.float32), tl.full(a.shape, QMAX * 1.0, tl.float32))
+        y = a * r
+        a = tl.fma(tl.fma(-y, QMAX * 1.0, a), r, y)
+    else:
+        a = tl.math.div_rn(a, QMAX * 1.0)
+    return tl.maximum(a, _MIN_SCALE).to(tl.float16)
+
+
+@triton.jit
 def _quantize(v, scale_fp16, QMAX: tl.constexpr):
     # round_half_even(v / scale) clamped to [-qmax-1, qmax]; clamping first keeps |v| < 2^22 for the magic trick
     v = tl.math.div_rn(v, scale_fp16.to(tl.float32))
@@ -162,83 +176,214 @@ def _reordered_values(x_ptr, u_ptr, w_ptr, rows, src, mask, stride_x, stride_u, 
 
 
 @triton.jit
+def _silu_mul(g, up, LIBDEVICE: tl.constexpr):
+    """float32 SiLU(g) * up; the SiLU in float64, rounded once (module docstring)."""
+    g = g.to(tl.float64)
+    if LIBDEVICE:  # CUDA libdevice's float64 exp (__nv_exp); the interpreter has numpy's
+        e = libdevice.exp(-g)
+    else:
+        e = tl.exp(-g)
+    return (g / (1.0 + e)).to(tl.float32) * up.to(tl.float32)
+
+
+@triton.jit
+def _nibbles(v, scale_fp16, FAST: tl.constexpr):
+    """round_half_even(v / scale) clamped to [-8, 7], as its low 4 bits (int32). v: [.., G]; scale_fp16: [.., 1].
+
+    v / scale is the IEEE quotient either way. FAST (the GPU): one IEEE reciprocal r per group, then per value
+    y = v * r, the exact remainder e = fma(-y, scale, v) and fma(e, r, y): Markstein's correction, which returns the
+    correctly rounded quotient when r is the correctly rounded reciprocal (3 instructions instead of div.rn's ~10;
+    checked against div_rn on the GPU, benchmarks/bench_gemm_quant.py). The interpreter has no fused multiply-add,
+    so it divides. After the clamp, v + 1.5 * 2^23 holds 1.5 * 2^23 + q exactly and its low mantissa bits ARE q in
+    two's complement: no float -> int conversion (16 per cycle per SM on Hopper) and no subtraction."""
+    s = scale_fp16.to(tl.float32)
+    if FAST:
+        r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+        y = v * r
+        v = tl.fma(tl.fma(-y, s, v), r, y)
+    else:
+        v = tl.math.div_rn(v, s)
+    v = tl.minimum(tl.maximum(v, -8.0), 7.0)
+    return (v + _ROUND_MAGIC).to(tl.int32, bitcast=True) & 0xF
+
+
+@triton.jit
+def _gather_rows(x, src, BLOCK_M: tl.constexpr):
+    """x [BLOCK_M, n] gathered along axis 1 at src [n] -> [BLOCK_M, len(src)]. One row (the GPU) goes through a
+    1-D tl.gather, which Triton lowers to one shared-memory store of the row and one load per element (a 2-D
+    gather is laid out warp-locally, with shuffles quadratic in the row length); the interpreter takes 2-D."""
+    if BLOCK_M == 1:
+        g = tl.gather(tl.reshape(x, [x.shape[1]]), src, 0)
+        return tl.reshape(g, [1, src.shape[0]])
+    else:
+        return tl.gather(x, tl.broadcast_to(src[None, :], [BLOCK_M, src.shape[0]]), 1)
+
+
+@triton.jit
+def _row_inputs(x_ptr, u_ptr, rows, M, K, NORMAL, KEEPER, stride_x, stride_u, MODE: tl.constexpr,
+                K_P2: tl.constexpr, N_P2: tl.constexpr, KEEP_P2: tl.constexpr, GATHER: tl.constexpr):
+    """The raw loads of `rows` (zeros past M), as 4 values (0.0 where unused): GATHER: the whole rows of x and of
+    up [BLOCK_M, K_P2]; otherwise x and up at the INT4 positions [BLOCK_M, N_P2] and at the keepers [.., KEEP_P2]
+    (positions are channels)."""
+    row_ok = rows < M
+    rows = rows.to(tl.int64)
+    xr = x_ptr + rows[:, None] * stride_x
+    ur = u_ptr + rows[:, None] * stride_u
+    b = 0.0
+    c = 0.0
+    d = 0.0
+    if GATHER:
+        ch = tl.arange(0, K_P2)
+        m = row_ok[:, None] & (ch < K)[None, :]
+        a = tl.load(xr + ch[None, :], mask=m, other=0.0)
+        if MODE == 2:
+            b = tl.load(ur + ch[None, :], mask=m, other=0.0)
+    else:
+        pos = tl.arange(0, N_P2)
+        m = row_ok[:, None] & (pos < NORMAL)[None, :]
+        a = tl.load(xr + pos[None, :], mask=m, other=0.0)
+        if MODE == 2:
+            b = tl.load(ur + pos[None, :], mask=m, other=0.0)
+        if KEEP_P2 > 0:
+            kk = tl.arange(0, KEEP_P2)
+            mk = row_ok[:, None] & (kk < KEEPER)[None, :]
+            c = tl.load(xr + NORMAL + kk[None, :], mask=mk, other=0.0)
+            if MODE == 2:
+                d = tl.load(ur + NORMAL + kk[None, :], mask=mk, other=0.0)
+    return a, b, c, d
+
+
+@triton.jit
 def _atom_quantize_kernel(
         x_ptr, u_ptr, w_ptr, idx_ptr,             # input rows, `up` rows (MODE 2), norm weight (MODE 1), index [K]
         q4_ptr, s4_ptr, q8_ptr, s8_ptr,           # outputs, contiguous (kernels/formats.py)
         M, K, NORMAL, KEEPER, stride_x, stride_u, eps, clip,
-        MODE: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
-        KEEP_P2: tl.constexpr, LIBDEVICE: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    rows = rows.to(tl.int64)  # M * K may pass 2^31
+        MODE: tl.constexpr, G: tl.constexpr, K_P2: tl.constexpr, N_P2: tl.constexpr, KEEP_P2: tl.constexpr,
+        GATHER: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK_M: tl.constexpr, PER_SM: tl.constexpr):
+    """Each program walks blocks of BLOCK_M rows (1 on a GPU) pid, pid + programs, ...; the rows are held whole.
 
-    # 1. RMSNorm only: rstd from a contiguous pass over the row, in float64, rounded once (module docstring)
-    rstd = tl.zeros([BLOCK_M], tl.float32)
-    if MODE == 1:
-        acc = tl.zeros([BLOCK_M, CHUNK], tl.float64)
-        for c0 in range(0, K, CHUNK):
-            cols = c0 + tl.arange(0, CHUNK)
-            m = row_ok[:, None] & (cols < K)[None, :]
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            x64 = x.to(tl.float64)
-            acc += x64 * x64
-        ms = tl.sum(acc, axis=1) / K + eps
-        if LIBDEVICE:  # tl.sqrt is documented as a fast (approximate) sqrt; libdevice's float64 sqrt is IEEE
-            root = libdevice.sqrt(ms)
-        else:
-            root = tl.sqrt(ms)
-        rstd = (1.0 / root).to(tl.float32)  # float64 `/` is IEEE (div.rn.f64) on NVIDIA GPUs
-
-    # 2. INT4 part, CHUNK reordered positions at a time (CHUNK is a multiple of G and of 64, NORMAL of both, so a
-    #    chunk's ragged end covers whole groups and whole 64-blocks, which are masked out of every store)
-    pos = tl.arange(0, CHUNK)
-    grp = tl.arange(0, CHUNK // G)
-    byte = tl.arange(0, CHUNK // 2)
+    GATHER: each row is read contiguously (K_P2 channels, 16-byte loads) and reordered in registers (_gather_rows).
+    Not GATHER (index = identity, e.g. an MLP whose channels were permuted offline): positions are channels.
+    w_ptr holds the norm weight in REORDERED order (the wrapper gathers it once per (weight, index)).
+    PER_SM only sizes the grid (programs per SM, chosen by the autotuner)."""
+    pos = tl.arange(0, N_P2)                  # INT4 positions of the reordered row
+    pos_ok = pos < NORMAL
+    grp = tl.arange(0, N_P2 // G)
+    byte = tl.arange(0, N_P2 // 2)
     shift = (tl.arange(0, 2) * 4)[None, None, :, None]
-    for c0 in range(0, NORMAL, CHUNK):
-        ok = c0 + pos < NORMAL
-        src = tl.load(idx_ptr + c0 + pos, mask=ok, other=0)
-        v = _reordered_values(x_ptr, u_ptr, w_ptr, rows, src, row_ok[:, None] & ok[None, :], stride_x, stride_u,
-                              rstd, MODE, LIBDEVICE)
-        v = tl.reshape(v, [BLOCK_M, CHUNK // G, G])
-        s4 = _scale_fp16(tl.max(tl.abs(v), axis=2), clip, 7)                  # [BLOCK_M, CHUNK // G]
-        tl.store(s4_ptr + rows[:, None] * (NORMAL // G) + (c0 // G + grp)[None, :], s4,
-                 mask=row_ok[:, None] & (c0 // G + grp < NORMAL // G)[None, :])
-        q = _quantize(v, s4[:, :, None], 7)
-        # pack per kernels/pack.py: in each block of 64, byte j = value j (low nibble) | value j + 32 (high
-        # nibble); the two halves sit on an axis of size 2, so shifting one by 4 and summing over it packs them
-        q = tl.reshape(q, [BLOCK_M, CHUNK // 64, 2, 32]).to(tl.int32) & 0xF
-        packed = tl.reshape(tl.sum(q << shift, axis=2), [BLOCK_M, CHUNK // 2]).to(tl.uint8)
-        tl.store(q4_ptr + rows[:, None] * (NORMAL // 2) + (c0 // 2 + byte)[None, :], packed,
-                 mask=row_ok[:, None] & (c0 // 2 + byte < NORMAL // 2)[None, :])
+    step = tl.num_programs(0) * BLOCK_M
+    nxt = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    na, nb, nc, nd = _row_inputs(x_ptr, u_ptr, nxt, M, K, NORMAL, KEEPER, stride_x, stride_u, MODE, K_P2, N_P2,
+                                 KEEP_P2, GATHER)
+    for blk in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        rows = rows.to(tl.int64)              # M * K may pass 2^31
+        # the next rows' loads are issued before this row's work, so their latency overlaps it
+        a, b, c, d = na, nb, nc, nd
+        nxt = blk * BLOCK_M + step + tl.arange(0, BLOCK_M)
+        na, nb, nc, nd = _row_inputs(x_ptr, u_ptr, nxt, M, K, NORMAL, KEEPER, stride_x, stride_u, MODE, K_P2, N_P2,
+                                     KEEP_P2, GATHER)
+        # 1. the values at the INT4 positions (v) and at the keeper positions (kv), before any scaling
+        if GATHER:
+            x = a
+            if MODE == 2:
+                x = _silu_mul(x, b, LIBDEVICE)
+            v = _gather_rows(x, tl.load(idx_ptr + pos, mask=pos_ok, other=0), BLOCK_M)  # padding reads channel 0
+        else:
+            v = a
+            if MODE == 2:
+                v = _silu_mul(v, b, LIBDEVICE)
+        if KEEP_P2 > 0:
+            kk = tl.arange(0, KEEP_P2)
+            k_ok = kk < KEEPER
+            m_k = row_ok[:, None] & k_ok[None, :]
+            if GATHER:
+                kv = _gather_rows(x, tl.load(idx_ptr + NORMAL + kk, mask=k_ok, other=0), BLOCK_M)
+            else:
+                kv = c
+                if MODE == 2:
+                    kv = _silu_mul(kv, d, LIBDEVICE)
+        # 2. RMSNorm: rstd from the sum of squares in float64 (any order: the row is all there), rounded once
+        if MODE == 1:
+            if GATHER:
+                x64 = x.to(tl.float64)
+                ss = tl.sum(x64 * x64, axis=1)
+            else:
+                v64 = v.to(tl.float64)
+                ss = tl.sum(v64 * v64, axis=1)
+                if KEEP_P2 > 0:
+                    k64 = kv.to(tl.float64)
+                    ss += tl.sum(k64 * k64, axis=1)
+            ms = ss / K + eps
+            if LIBDEVICE:  # tl.sqrt is documented as a fast (approximate) sqrt; libdevice's float64 sqrt is IEEE
+                root = libdevice.sqrt(ms)
+            else:
+                root = tl.sqrt(ms)
+            rstd = (1.0 / root).to(tl.float32)[:, None]  # float64 `/` is IEEE (div.rn.f64) on NVIDIA GPUs
+            v = v.to(tl.float32) * rstd * tl.load(w_ptr + pos, mask=pos_ok, other=0.0).to(tl.float32)[None, :]
+            if KEEP_P2 > 0:
+                wk = tl.load(w_ptr + NORMAL + kk, mask=k_ok, other=0.0).to(tl.float32)
+                kv = kv.to(tl.float32) * rstd * wk[None, :]
+        # 3. INT4 groups (NORMAL is a multiple of G and of 64: padded positions fill whole groups and 64-blocks,
+        #    which every store masks out)
+        v = tl.reshape(v.to(tl.float32), [BLOCK_M, N_P2 // G, G])
+        s4 = _scale_fp16_fast(tl.max(tl.abs(v), axis=2), clip, 7, LIBDEVICE)
+        tl.store(s4_ptr + rows[:, None] * (NORMAL // G) + grp[None, :], s4,
+                 mask=row_ok[:, None] & (grp < NORMAL // G)[None, :])
+        # pack per kernels/pack.py: in each block of 64, byte j = value j (low nibble) | value j + 32 (high)
+        q = tl.reshape(_nibbles(v, s4[:, :, None], LIBDEVICE), [BLOCK_M, N_P2 // 64, 2, 32])
+        packed = tl.reshape(tl.sum(q << shift, axis=2), [BLOCK_M, N_P2 // 2]).to(tl.uint8)
+        tl.store(q4_ptr + rows[:, None] * (NORMAL // 2) + byte[None, :], packed,
+                 mask=row_ok[:, None] & (byte < NORMAL // 2)[None, :])
+        # 4. INT8 keepers: one scale per row, never clipped
+        if KEEP_P2 > 0:
+            kv = tl.where(m_k, kv.to(tl.float32), 0.0)  # padding must not enter the max
+            s8 = _scale_fp16(tl.max(tl.abs(kv), axis=1), 1.0, 127)
+            tl.store(s8_ptr + rows, s8, mask=row_ok)
+            tl.store(q8_ptr + rows[:, None] * KEEPER + kk[None, :], _quantize(kv, s8[:, None], 127), mask=m_k)
 
-    # 3. INT8 keeper part: the last KEEPER reordered positions, one scale per row, never clipped
-    if KEEP_P2 > 0:
-        kk = tl.arange(0, KEEP_P2)
-        k_ok = kk < KEEPER
-        ksrc = tl.load(idx_ptr + NORMAL + kk, mask=k_ok, other=0)
-        km = row_ok[:, None] & k_ok[None, :]
-        kv = _reordered_values(x_ptr, u_ptr, w_ptr, rows, ksrc, km, stride_x, stride_u, rstd, MODE, LIBDEVICE)
-        kv = tl.where(km, kv, 0.0)  # padding must not enter the max
-        s8 = _scale_fp16(tl.max(tl.abs(kv), axis=1), 1.0, 127)
-        tl.store(s8_ptr + rows, s8, mask=row_ok)
-        tl.store(q8_ptr + rows[:, None] * KEEPER + kk[None, :], _quantize(kv, s8[:, None], 127), mask=km)
 
-
-# GPU configs: (rows per program, channels per chunk, warps). More rows per program share each read of the index.
-GPU_CONFIGS = [(1, 512, 4), (1, 1024, 4), (1, 1024, 8), (2, 512, 4), (4, 256, 4), (4, 512, 8)]
+# GPU configs: warps per program, chosen so that a thread holds 16-32 values of the row (more spills at K = 11008,
+# fewer add per-thread overhead), and the most programs per SM (4: persistent programs walking many rows; 64: in
+# effect one row per program). More programs than rows never start.
+PER_SM_CHOICES = (4, 64)
 _QUANTIZE_TUNERS: dict = {}
+USE_CHUNKED = False  # the earlier kernel (chunked walk, gathers from global memory), kept to be timed beside it
 
 
-def _atom_quantize_tuned(M: int):
-    """The autotuner for M rows: one per power-of-two M (the best config at M = 256 is 1.4x slower at M = 8192 on
-    the H200), each keyed by the shape within it."""
-    bucket = min(8192, triton.next_power_of_2(M))
+def _warps(k_p2: int) -> list[int]:
+    return [w for w in (4, 8, 16) if 16 <= k_p2 // (32 * w) <= 32] or [4 if k_p2 <= 2048 else 16]
+
+
+def _atom_quantize_tuned(M: int, k_p2: int):
+    """The autotuner for M rows of k_p2 (padded) channels: one per power-of-two M (the best config at M = 256 is
+    not the best at M = 8192), each keyed by the shape and mode within it."""
+    bucket = (min(8192, triton.next_power_of_2(M)), k_p2)
     if bucket not in _QUANTIZE_TUNERS:
         _QUANTIZE_TUNERS[bucket] = triton.autotune(
-            configs=[triton.Config({"BLOCK_M": bm, "CHUNK": ch}, num_warps=w) for bm, ch, w in GPU_CONFIGS],
-            key=["K", "NORMAL", "KEEPER"])(_atom_quantize_kernel)
+            configs=[triton.Config({"PER_SM": p, "BLOCK_M": 1}, num_warps=w)
+                     for w in _warps(k_p2) for p in PER_SM_CHOICES],
+            key=["K", "NORMAL", "KEEPER", "MODE", "GATHER"])(_atom_quantize_kernel)
     return _QUANTIZE_TUNERS[bucket]
+
+
+_PREPARED: dict[tuple, tuple] = {}
+
+
+def _prepared(index, weight, gather: bool):
+    """(index as int32, the norm weight in reordered order) for the kernel, made once per (index, weight) and
+    remembered until either is modified in place or freed (each is a fixed per-layer tensor)."""
+    key = (id(index), index._version, None if weight is None else (id(weight), weight._version), gather)
+    hit = _PREPARED.get(key)
+    if hit is not None and hit[0]() is index and (weight is None or hit[1]() is weight):
+        return hit[2], hit[3]
+    idx = index.to(torch.int32).contiguous()
+    w = None if weight is None else (weight.float()[index.long()].contiguous() if gather else weight)
+    if len(_PREPARED) > 4096:
+        _PREPARED.clear()
+    _PREPARED[key] = (weakref.ref(index), None if weight is None else weakref.ref(weight), idx, w)
+    return idx, w
 
 
 def _empty_packed(M: int, normal: int, keeper: int, group_size: int, dev):
@@ -253,21 +398,28 @@ def _empty_packed(M: int, normal: int, keeper: int, group_size: int, dev):
 def _launch(mode, x2, u2, weight, index, eps, clip, group_size, keeper) -> PackedAtom:
     M, K = x2.shape
     normal = K - keeper
+    if USE_CHUNKED:
+        return _launch_chunked(mode, x2, u2, weight, index, eps, clip, group_size, keeper)
     q4, s4, q8, s8 = _empty_packed(M, normal, keeper, group_size, x2.device)
-    args = (x2, x2 if u2 is None else u2, x2 if weight is None else weight, index, q4, s4, q8, s8,
+    gather = not _is_identity(index)
+    idx, w = _prepared(index, weight, gather)
+    args = (x2, x2 if u2 is None else u2, x2 if w is None else w, idx, q4, s4, q8, s8,
             M, K, normal, keeper, x2.stride(0), x2.stride(0) if u2 is None else u2.stride(0), float(eps), float(clip))
-    meta = dict(MODE=mode, G=group_size, KEEP_P2=triton.next_power_of_2(keeper) if keeper else 0,
-                LIBDEVICE=not interpreting())
-    if interpreting():
-        # each program and loop step costs ~1 ms whatever its size: few programs, ~2^17 elements per step
-        chunk = max(128, min(4096, triton.next_power_of_2(normal)))
-        block_m = max(1, min(triton.next_power_of_2(M), (1 << 17) // chunk))
-        _atom_quantize_kernel[(triton.cdiv(M, block_m),)](*args, BLOCK_M=block_m, CHUNK=chunk, **meta)
+    meta = dict(MODE=mode, G=group_size, K_P2=triton.next_power_of_2(K), N_P2=triton.next_power_of_2(normal),
+                KEEP_P2=triton.next_power_of_2(keeper) if keeper else 0, GATHER=gather, LIBDEVICE=not interpreting())
+    if interpreting():  # the interpreter pays per program and per step, not per element: ~2^17 elements a step
+        block_m = max(1, min(triton.next_power_of_2(M), (1 << 17) // meta["K_P2"]))
+        _atom_quantize_kernel[(1,)](*args, BLOCK_M=block_m, PER_SM=0, **meta)
     elif AUTOTUNE:
-        _atom_quantize_tuned(M)[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]),)](*args, **meta)
+        sms = _sm_count(x2.device)
+        _atom_quantize_tuned(M, meta["K_P2"])[lambda cfg: (min(M, sms * cfg["PER_SM"]),)](*args, **meta)
     else:
-        _atom_quantize_kernel[(M,)](*args, BLOCK_M=1, CHUNK=512, num_warps=4, **meta)
+        _atom_quantize_kernel[(M,)](*args, num_warps=_warps(meta["K_P2"])[-1], BLOCK_M=1, PER_SM=0, **meta)
     return PackedAtom(q4, s4, q8, s8, group_size)
+
+
+def _sm_count(dev) -> int:
+    return torch.cuda.get_device_properties(dev).multi_processor_count
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -770,3 +922,106 @@ def _finish(p: PackedAtom, x2, check_finite, what: str) -> PackedAtom:
     if _want_check(check_finite, x2):
         _check_scales(p, what)
     return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The earlier fused kernel (chunked walk, gathers from global memory): timed beside the row kernel
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _atom_quantize_chunked_kernel(
+        x_ptr, u_ptr, w_ptr, idx_ptr,             # input rows, `up` rows (MODE 2), norm weight (MODE 1), index [K]
+        q4_ptr, s4_ptr, q8_ptr, s8_ptr,           # outputs, contiguous (kernels/formats.py)
+        M, K, NORMAL, KEEPER, stride_x, stride_u, eps, clip,
+        MODE: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+        KEEP_P2: tl.constexpr, LIBDEVICE: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows = rows.to(tl.int64)  # M * K may pass 2^31
+
+    # 1. RMSNorm only: rstd from a contiguous pass over the row, in float64, rounded once (module docstring)
+    rstd = tl.zeros([BLOCK_M], tl.float32)
+    if MODE == 1:
+        acc = tl.zeros([BLOCK_M, CHUNK], tl.float64)
+        for c0 in range(0, K, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            m = row_ok[:, None] & (cols < K)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            x64 = x.to(tl.float64)
+            acc += x64 * x64
+        ms = tl.sum(acc, axis=1) / K + eps
+        if LIBDEVICE:  # tl.sqrt is documented as a fast (approximate) sqrt; libdevice's float64 sqrt is IEEE
+            root = libdevice.sqrt(ms)
+        else:
+            root = tl.sqrt(ms)
+        rstd = (1.0 / root).to(tl.float32)  # float64 `/` is IEEE (div.rn.f64) on NVIDIA GPUs
+
+    # 2. INT4 part, CHUNK reordered positions at a time (CHUNK is a multiple of G and of 64, NORMAL of both, so a
+    #    chunk's ragged end covers whole groups and whole 64-blocks, which are masked out of every store)
+    pos = tl.arange(0, CHUNK)
+    grp = tl.arange(0, CHUNK // G)
+    byte = tl.arange(0, CHUNK // 2)
+    shift = (tl.arange(0, 2) * 4)[None, None, :, None]
+    for c0 in range(0, NORMAL, CHUNK):
+        ok = c0 + pos < NORMAL
+        src = tl.load(idx_ptr + c0 + pos, mask=ok, other=0)
+        v = _reordered_values(x_ptr, u_ptr, w_ptr, rows, src, row_ok[:, None] & ok[None, :], stride_x, stride_u,
+                              rstd, MODE, LIBDEVICE)
+        v = tl.reshape(v, [BLOCK_M, CHUNK // G, G])
+        s4 = _scale_fp16(tl.max(tl.abs(v), axis=2), clip, 7)                  # [BLOCK_M, CHUNK // G]
+        tl.store(s4_ptr + rows[:, None] * (NORMAL // G) + (c0 // G + grp)[None, :], s4,
+                 mask=row_ok[:, None] & (c0 // G + grp < NORMAL // G)[None, :])
+        q = _quantize(v, s4[:, :, None], 7)
+        # pack per kernels/pack.py: in each block of 64, byte j = value j (low nibble) | value j + 32 (high
+        # nibble); the two halves sit on an axis of size 2, so shifting one by 4 and summing over it packs them
+        q = tl.reshape(q, [BLOCK_M, CHUNK // 64, 2, 32]).to(tl.int32) & 0xF
+        packed = tl.reshape(tl.sum(q << shift, axis=2), [BLOCK_M, CHUNK // 2]).to(tl.uint8)
+        tl.store(q4_ptr + rows[:, None] * (NORMAL // 2) + (c0 // 2 + byte)[None, :], packed,
+                 mask=row_ok[:, None] & (c0 // 2 + byte < NORMAL // 2)[None, :])
+
+    # 3. INT8 keeper part: the last KEEPER reordered positions, one scale per row, never clipped
+    if KEEP_P2 > 0:
+        kk = tl.arange(0, KEEP_P2)
+        k_ok = kk < KEEPER
+        ksrc = tl.load(idx_ptr + NORMAL + kk, mask=k_ok, other=0)
+        km = row_ok[:, None] & k_ok[None, :]
+        kv = _reordered_values(x_ptr, u_ptr, w_ptr, rows, ksrc, km, stride_x, stride_u, rstd, MODE, LIBDEVICE)
+        kv = tl.where(km, kv, 0.0)  # padding must not enter the max
+        s8 = _scale_fp16(tl.max(tl.abs(kv), axis=1), 1.0, 127)
+        tl.store(s8_ptr + rows, s8, mask=row_ok)
+        tl.store(q8_ptr + rows[:, None] * KEEPER + kk[None, :], _quantize(kv, s8[:, None], 127), mask=km)
+
+
+# GPU configs: (rows per program, channels per chunk, warps). More rows per program share each read of the index.
+CHUNKED_GPU_CONFIGS = [(1, 512, 4), (1, 1024, 4), (1, 1024, 8), (2, 512, 4), (4, 256, 4), (4, 512, 8)]
+_CHUNKED_TUNERS: dict = {}
+
+
+def _chunked_tuned(M: int):
+    """The autotuner for M rows: one per power-of-two M (the best config at M = 256 is 1.4x slower at M = 8192 on
+    the H200), each keyed by the shape within it."""
+    bucket = min(8192, triton.next_power_of_2(M))
+    if bucket not in _CHUNKED_TUNERS:
+        _CHUNKED_TUNERS[bucket] = triton.autotune(
+            configs=[triton.Config({"BLOCK_M": bm, "CHUNK": ch}, num_warps=w) for bm, ch, w in CHUNKED_GPU_CONFIGS],
+            key=["K", "NORMAL", "KEEPER"])(_atom_quantize_chunked_kernel)
+    return _CHUNKED_TUNERS[bucket]
+
+
+def _launch_chunked(mode, x2, u2, weight, index, eps, clip, group_size, keeper) -> PackedAtom:
+    M, K = x2.shape
+    normal = K - keeper
+    q4, s4, q8, s8 = _empty_packed(M, normal, keeper, group_size, x2.device)
+    args = (x2, x2 if u2 is None else u2, x2 if weight is None else weight, index, q4, s4, q8, s8,
+            M, K, normal, keeper, x2.stride(0), x2.stride(0) if u2 is None else u2.stride(0), float(eps), float(clip))
+    meta = dict(MODE=mode, G=group_size, KEEP_P2=triton.next_power_of_2(keeper) if keeper else 0,
+                LIBDEVICE=not interpreting())
+    if interpreting():
+        # each program and loop step costs ~1 ms whatever its size: few programs, ~2^17 elements per step
+        chunk = max(128, min(4096, triton.next_power_of_2(normal)))
+        block_m = max(1, min(triton.next_power_of_2(M), (1 << 17) // chunk))
+        _atom_quantize_chunked_kernel[(triton.cdiv(M, block_m),)](*args, BLOCK_M=block_m, CHUNK=chunk, **meta)
+    elif AUTOTUNE:
+        _chunked_tuned(M)[lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]),)](*args, **meta)
+    else:
+        _atom_quantize_chunked_kernel[(M,)](*args, BLOCK_M=1, CHUNK=512, num_warps=4, **meta)
+    return PackedAtom(q4, s4, q8, s8, group_size)

@@ -164,6 +164,33 @@ def test_batched_and_strided_inputs():
     assert_packed_equal(p, reorder_quantize_ref(xt.contiguous(), index, 32, 0))
 
 
+@pytest.mark.parametrize("mode", ["plain", "rmsnorm", "silu_mul"])
+def test_identity_index_reads_channels_in_place(mode):
+    """An identity index (channels permuted offline, e.g. the MLP's intermediate channels) takes the kernel's
+    no-gather path; the result must be the same as for any other permutation. Also the norm weight's reordered
+    copy is made again when the weight is modified in place."""
+    gen = torch.Generator().manual_seed(_seed("identity", mode))
+    for K, keeper, G, M in ((576, 64, 64, 5), (1536, 128, 128, 33), (704, 0, 32, 2)):
+        x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+        index = torch.arange(K)
+        if mode == "plain":
+            assert_packed_equal(reorder_quantize(x.to(DEV), index.to(DEV), G, keeper),
+                                reorder_quantize_ref(x, index, G, keeper))
+        elif mode == "rmsnorm":
+            w = torch.rand(K, generator=gen) + 0.5
+            wd, idx = w.to(DEV), torch.randperm(K, generator=gen).to(DEV)
+            for _ in range(2):  # the second pass after an in-place change of the weight
+                for i in (index.to(DEV), idx):
+                    assert_packed_equal(rmsnorm_quantize(x.to(DEV), wd, 1e-5, i, G, keeper),
+                                        rmsnorm_quantize_ref(x, wd.cpu(), 1e-5, i.cpu(), G, keeper),
+                                        rmsnorm_ref(x, wd.cpu(), 1e-5)[:, i.cpu()])
+                wd.mul_(1.5)
+        else:
+            up = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+            assert_packed_equal(silu_mul_quantize(x.to(DEV), up.to(DEV), index.to(DEV), G, keeper),
+                                silu_mul_quantize_ref(x, up, index, G, keeper), silu_mul_ref(x, up))
+
+
 # --------------------------------------------------------------------------------------------- by hand (integers)
 def _scatter(reordered: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The input whose reordering by `index` is `reordered`: x[:, index] == reordered."""
