@@ -6,7 +6,7 @@ import atom_lab  # noqa: F401
 import pytest
 import torch
 
-from atom_lab.serve.lowbit import FP8_MAX, FP8Linear, Int4Linear, convert_model, int4_levels, quantize_fp8_rows
+from atom_lab.serve.lowbit import FP8_MAX, FP8Linear, FP8Unsupported, Int4Linear, convert_model, int4_levels, quantize_fp8_rows
 from atom_lab.serve.memory import Format, linear_weight_bytes
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -26,7 +26,12 @@ def test_fp8_library_equals_reference(device):
     lin = layer(device=device, bias=True)
     x = torch.randn(7, 3, 256, device=device)
     real, ref = FP8Linear(lin, real=True), FP8Linear(lin, real=False)
-    y, y_ref = real(x), ref(x)
+    try:
+        y = real(x)
+    except FP8Unsupported as e:  # only the documented refusal of a CPU build (torch 2.11's), never on the GPU
+        assert device == "cpu" and "FP8Linear(real=False)" in str(e)
+        pytest.skip(f"no rowwise FP8 GEMM in this torch build: {e}")
+    y_ref = ref(x)
     assert y.shape == (7, 3, 96)
     # Both sum the same exact FP8 products (at most 4 + 4 significant bits each) in fp32: they differ only by the
     # order of the fp32 accumulation, bounded by K u sum|terms| (Higham) with u = 2^-24.

@@ -24,6 +24,10 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
 
+class FP8Unsupported(RuntimeError):
+    """torch._scaled_mm with rowwise scales is not available for this device / torch build."""
+
+
 def _check_linear(linear, what: str) -> None:
     if not isinstance(linear, torch.nn.Linear):
         raise TypeError(f"{what} replaces a torch.nn.Linear, got {type(linear).__name__}.")
@@ -73,11 +77,15 @@ class FP8Linear(torch.nn.Module):
         out = self._out_dtype or dtype
         try:
             return torch._scaled_mm(x8, self.weight_fp8.T, scale_a=sx, scale_b=self.weight_scale, out_dtype=out)
-        except RuntimeError:
-            if out == torch.bfloat16:
-                raise
-            self._out_dtype = torch.bfloat16  # rowwise scaling with fp16 output refused: bf16 out, then cast
-            return self._scaled_mm(x8, sx, dtype)
+        except RuntimeError as e:
+            if out != torch.bfloat16:
+                self._out_dtype = torch.bfloat16  # rowwise scaling with fp16 output refused: bf16 out, then cast
+                return self._scaled_mm(x8, sx, dtype)
+            # e.g. torch 2.11's CPU _scaled_mm takes per-tensor scales only (torch 2.13's CPU build takes rowwise)
+            raise FP8Unsupported(f"FP8Linear(real=True): this torch {torch.__version__} build refuses a rowwise-"
+                                 f"scaled FP8 GEMM on {x8.device.type} ({str(e).splitlines()[0][:160]}); use a GPU "
+                                 "with FP8 tensor cores, a newer torch, or FP8Linear(real=False), the float "
+                                 "reference of the same codes.") from e
 
 
 def int4_levels(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
