@@ -91,16 +91,25 @@ def test_profiles_have_what_the_chapter_says():
 
 
 def test_engine_constants_are_the_fit_of_the_committed_serving_json():
-    # KV efficiency (pre-RoPE) and the host times come from benchmarks/bench_serving_sim.py's least squares on the
-    # H200 fp16 batch sweep (train points only); the committed constants must be that fit, rounded.
+    # The KV efficiencies, the engine's per-step and per-prefilled-sequence costs and W4A16's GEMM scales come from
+    # benchmarks/bench_serving_sim.py's least squares on the H200 batch sweeps (train points only) of the two
+    # committed serving JSONs; the committed constants must be that fit, rounded.
     import json
 
     from benchmarks.bench_serving_sim import fit, shape_of
-    from atom_lab.serve.sim import KV_EFFICIENCY, PREFILL_OVERHEAD_S, STEP_OVERHEAD_S
-    res = json.load(open(RESULTS / "serve_h200.json"))
-    train = [p for p in res["points"] if p.get("workload") == "sweep" and "measured" in p]
-    params = fit(shape_of(res), train, res["kv_rope"])
-    assert {b: round(e, 3) for b, e in params["kv_efficiency"].items()} == {
-        b: KV_EFFICIENCY[("pre", b)] for b in (4, 8, 16)}
-    assert round(params["step_overhead_s"], 5) == STEP_OVERHEAD_S
-    assert round(params["prefill_overhead_s"], 3) == PREFILL_OVERHEAD_S
+    from atom_lab.serve import sim
+    train, shape = [], None
+    for name in ("serve_h200.json", "serve_h200_lowbit.json"):
+        res = json.load(open(RESULTS / name))
+        shape = shape_of(res)
+        train += [dict(p, rope=res["kv_rope"]) for p in res["points"] if p.get("workload") == "sweep"
+                  and "measured" in p]
+    params = fit(shape, train)
+    assert {k: round(e, 3) for k, e in params["kv_efficiency"].items()} == {
+        f"{r}-{b}": e for (r, b), e in sim.KV_EFFICIENCY.items()}
+    assert {w: round(v, 5) for w, v in params["step_overhead_s"].items()} == {
+        w: sim.ENGINE_STEP_OVERHEAD_S[w] for w in params["step_overhead_s"]}
+    assert round(params["prefill_overhead_s"], 3) == sim.PREFILL_OVERHEAD_S
+    for w in params["gemm_scale"]:
+        assert round(params["gemm_scale"][w], 2) == sim.ENGINE_GEMM_SCALE[w]
+        assert round(params["prefill_scale"][w], 2) == sim.ENGINE_PREFILL_SCALE[w]

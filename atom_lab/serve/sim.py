@@ -12,8 +12,9 @@ Cost model, per step (one prefill or one decode step of the scheduler's batch), 
                there); prefill: causal FLOPs at the bf16 peak x 0.5 (ASSUMED).
     other      norms, RoPE, residual adds, activation quantizers: bytes / bandwidth / 0.05 for the fused quantizers
                (0.028-0.067 of the copy bandwidth measured on the H200), plus a launch gap per kernel (2.5 us
-               under CUDA graphs, 6 us eager: ASSUMED) and the engine's host time per decode step and per prefilled
-               sequence (STEP_OVERHEAD_S, PREFILL_OVERHEAD_S: fitted on the H200 engine's fp16 sweep).
+               under CUDA graphs, 6 us eager: ASSUMED) and the engine's own time per decode step and per prefilled
+               sequence (ENGINE_STEP_OVERHEAD_S per weight format, PREFILL_OVERHEAD_S: fitted on the H200 engine's
+               batch sweeps, as are KV_EFFICIENCY and W4A16's ENGINE_GEMM_SCALE / ENGINE_PREFILL_SCALE).
     tensor parallel (tp > 1): Megatron split (q/k/v, gate/up by columns, o/down by rows, heads and KV per GPU
                divided by tp) and two all-reduces of [M, hidden] per layer: 2 (tp - 1) / tp x bytes / NVLink
                bandwidth + 8 us each (ASSUMED latency).
@@ -52,18 +53,29 @@ GEMM_EFFICIENCY_H200 = {
 H100_MEASURED = dict(bandwidth=3.0e12, bf16=730e12, int8=870e12, fp8=1200e12)
 W4A4_BYTES = 0.531  # bytes per weight of Atom's packed format at K = 4096 (memory.linear_weight_bytes)
 W4A16_FACTOR = 0.62  # gpt-fast: 4-bit weights reached 863 of bf16's 1397 GB/s on an A100 (NOTES.md): ASSUMED
-# Decode attention: KV bytes / bandwidth / efficiency, by (kv bits, where RoPE sits). "post" (K stored rotated):
-# h200_decode_attention_v3_quick.json, our kernel at batch 8-128, context 4k-16k: bf16 3.6-4.4 TB/s (0.86-1.0), INT4
-# 0.83-0.97 TB/s of INT4 bytes (0.20-0.23); INT8 not measured (ASSUMED between). "pre" (K rotated on every read,
-# Atom): FITTED on the H200 engine's fp16 sweep (benchmarks/bench_serving_sim.py, serve_sim_validation.json).
-KV_EFFICIENCY = {("post", 16): 0.9, ("post", 8): 0.3, ("post", 4): 0.2,
-                 ("pre", 16): 0.215, ("pre", 8): 0.099, ("pre", 4): 0.051}
-# (the kernel benchmark's own pre-RoPE INT4 number, 0.659 ms for 143 MB at batch 8 / context 4k, is 0.051 too)
+# Decode attention: KV bytes / bandwidth / efficiency, by (where RoPE sits, kv bits), and the engine's own costs,
+# all FITTED (non-negative least squares, benchmarks/bench_serving_sim.py -> serve_sim_validation.json) on the H200
+# engine's batch sweeps: fp16 weights with K stored before RoPE (serve_h200.json, KV16/8/4) and fp16 / w8a8 / w4a4 /
+# w4a16 with K stored after it (serve_h200_lowbit.json). The kernel benchmark agrees for INT4 after RoPE (0.20-0.23
+# of the bandwidth at batch 8-128, context 4k-16k: h200_decode_attention_v3_quick.json); for bf16 it measured
+# 0.86-1.0 on its own, the engine's steps fit 0.52.
+KV_EFFICIENCY = {("post", 16): 0.522, ("post", 8): 0.33, ("post", 4): 0.237,
+                 ("pre", 16): 0.204, ("pre", 8): 0.094, ("pre", 4): 0.048}
 QUANT_EFFICIENCY, PLAIN_EFFICIENCY = 0.05, 0.3
 LAUNCH_GRAPH_S, LAUNCH_EAGER_S, ALLREDUCE_LATENCY_S = 2.5e-6, 6e-6, 8e-6
-# Host time of the engine (fitted with the KV efficiencies above on the H200 fp16 sweep): per decode step (graph
-# replay, sampling, scheduling) and per sequence of an eager prefill step (PagedDecoder.step's per-sequence loop).
-STEP_OVERHEAD_S, PREFILL_OVERHEAD_S = 1.84e-3, 0.050
+# Seconds per decode step the cost model's kernels do not explain, per weight format (host work of the step:
+# sampling, scheduling, graph replay; and launches beyond KERNELS_PER_LAYER: W8A8's per-token FP8 quantizer is
+# ~8 torch ops per linear, ~1,800 more kernels per step), and host seconds per sequence of an eager prefill step
+# (PagedDecoder.step's per-sequence loop).
+ENGINE_STEP_OVERHEAD_S = {"fp16": 0.13e-3, "bf16": 0.13e-3, "w8a8": 8.1e-3, "w4a16": 0.0, "w4a4": 5.07e-3}
+PREFILL_OVERHEAD_S = 0.048
+# The engine's GEMMs against the GEMM benchmark's: decode-step GEMM time and prefill GEMM time are multiplied by
+# these per weight format. 1 where a GEMM benchmark measured the format (its efficiency holds); W4A16's kernel
+# (torch._weight_int4pack_mm) was never benchmarked on its own (W4A16_FACTOR is an assumption), so its scales are
+# fitted on the engine: its decode GEMMs run 7x and its prefill GEMMs 16x slower than that assumption (the op is
+# a GEMV-style kernel, slow at large M).
+ENGINE_GEMM_SCALE = {"fp16": 1.0, "bf16": 1.0, "w8a8": 1.0, "w4a16": 6.96, "w4a4": 1.0}
+ENGINE_PREFILL_SCALE = {"fp16": 1.0, "bf16": 1.0, "w8a8": 1.0, "w4a16": 16.43, "w4a4": 1.0}
 KERNELS_PER_LAYER = {"fp16": 11, "bf16": 11, "w8a8": 15, "w4a16": 11, "w4a4": 12}
 
 
@@ -115,9 +127,11 @@ class CostModel:
     tp: int = 1
     rope: str = "post"                  # where the KV cache stores K relative to RoPE (KV_EFFICIENCY)
     kv_efficiency: float | None = None  # override KV_EFFICIENCY[(rope, kv bits)]
-    step_overhead: float = STEP_OVERHEAD_S     # host seconds per decode step (graph replay)
+    step_overhead: float | None = None  # seconds per decode step beyond the kernels (ENGINE_STEP_OVERHEAD_S)
     prefill_overhead: float | None = PREFILL_OVERHEAD_S  # host seconds per sequence of an (eager) prefill step;
                                                          # None = one step_overhead per prefill step
+    gemm_scale: float | None = None     # override ENGINE_GEMM_SCALE[weights] (decode-step GEMMs)
+    prefill_scale: float | None = None  # override ENGINE_PREFILL_SCALE[weights] (a prefill step's compute)
 
     def __post_init__(self):
         s = self.shape
@@ -153,7 +167,10 @@ class CostModel:
         M, B = sum(new_tokens), len(new_tokens)
         kv_heads = max(1, s.kv_heads // tp)
         kv_layer_token = kv_bytes_per_token(s, self.fmt) / s.layers * kv_heads / s.kv_heads
-        t = {"gemm": s.layers * self.layer_gemms(M)}
+        w = self.fmt.weights
+        scale = (self.prefill_scale if self.prefill_scale is not None else ENGINE_PREFILL_SCALE[w]) if prefill else \
+            (self.gemm_scale if self.gemm_scale is not None else ENGINE_GEMM_SCALE[w])
+        t = {"gemm": s.layers * self.layer_gemms(M) * scale}
         if prefill:
             flops = sum(2 * 2 * (s.heads // tp) * s.head_dim * n * (c - n / 2) for n, c in zip(new_tokens,
                                                                                           context_lens))
@@ -171,7 +188,8 @@ class CostModel:
         if tp > 1:
             ar = 2 * (tp - 1) / tp * M * s.hidden * 2 / g.interconnect + ALLREDUCE_LATENCY_S
             t["allreduce"] = s.layers * 2 * ar
-        t["host"] = self.step_overhead if not prefill or self.prefill_overhead is None else self.prefill_overhead * B
+        step = ENGINE_STEP_OVERHEAD_S[w] if self.step_overhead is None else self.step_overhead
+        t["host"] = step if not prefill or self.prefill_overhead is None else self.prefill_overhead * B
         return t
 
 
