@@ -14,6 +14,8 @@ the dense rotation kernel (silu_mul_rotate_quantize) at K = 1536 and small M onl
 median of do_bench. Every structured result is checked against its *_ref on the first rows.
 
     python -m benchmarks.bench_rotate --json benchmarks/results/rotation_h200.json
+    python -m benchmarks.bench_rotate --device cpu --shapes smollm2 --ms 1,2   # a check of the code path under
+                                                   # TRITON_INTERPRET=1 (wall-clock times, not a measurement)
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 from atom_lab.kernels import silu_mul_quantize, silu_mul_rotate_quantize
 from atom_lab.kernels.act_quant import silu_mul_hadamard_quantize, silu_mul_hadamard_quantize_ref
 from atom_lab.rotation import kron_order, kron_rotation, rotation_matrix
-from benchmarks.common import bench_ms, device_facts
+from benchmarks.common import GRAPH_FAILURES, bench_ms, device_facts
 
 SHAPES = {"smollm2": (1536, 64), "llama2-7b": (11008, 128), "llama2-13b": (13824, 128)}
 MS = [1, 4, 16, 64, 256, 1024, 4096]
@@ -39,49 +41,60 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--ms", default=",".join(map(str, MS)))
     p.add_argument("--dense-max-m", type=int, default=16, help="largest M for the dense rotation kernel (K = 1536)")
+    p.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (interpreter: a path check)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    dev = args.device
+    timer = bench_ms if dev == "cuda" else _wall_ms
     rows, t_start = [], time.time()
     for shape in args.shapes.split(","):
         K, G = SHAPES[shape]
         kind = "hadamard" if kron_order(K) else "random"
-        rot = kron_rotation(K, kind, seed=1).cuda()
-        dense = rotation_matrix(K, "hadamard", seed=1).float().cuda().contiguous() if K == 1536 else None
-        ident, perm = torch.arange(K, device="cuda"), torch.randperm(K, device="cuda")
+        rot = kron_rotation(K, kind, seed=1).to(dev)
+        dense = rotation_matrix(K, "hadamard", seed=1).float().to(dev).contiguous() if K == 1536 else None
+        ident, perm = torch.arange(K, device=dev), torch.randperm(K, device=dev)
         print(f"{shape}: K={K} = {K // 128} x 128 ({kind} factor), G={G}", flush=True)
         print(f"{'M':>6}{'plain':>9}{'hadamard':>10}{'ratio':>7}{'plain+k':>9}{'had+k':>8}{'ratio':>7}{'dense':>9}"
               "  (us)")
         for M in [int(m) for m in args.ms.split(",")]:
-            gate = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            up = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            gate = torch.randn(M, K, device=dev, dtype=torch.float16)
+            up = torch.randn(M, K, device=dev, dtype=torch.float16)
             r = {"shape": shape, "K": K, "group": G, "M": M, "factor": kind}
             h0 = silu_mul_hadamard_quantize(gate, up, rot.signs, rot.kron, ident, G, 0, 0.9)
             h1 = silu_mul_hadamard_quantize(gate, up, rot.signs, rot.kron, perm, G, 128, 0.9)
             n = min(M, 64)  # the reference builds the dense K x K matrix: check the first rows only
             r["q4_mismatch_fused"] = _agreement_rows(h0, gate, up, rot, ident, G, 0, n)
             r["q4_mismatch_keeper"] = _agreement_rows(h1, gate, up, rot, perm, G, 128, n)
-            r["plain_us"] = 1e3 * bench_ms(lambda: silu_mul_quantize(gate, up, ident, G, 0, 0.9), graph=True)
-            r["hadamard_us"] = 1e3 * bench_ms(
+            r["plain_us"] = 1e3 * timer(lambda: silu_mul_quantize(gate, up, ident, G, 0, 0.9), graph=True)
+            r["hadamard_us"] = 1e3 * timer(
                 lambda: silu_mul_hadamard_quantize(gate, up, rot.signs, rot.kron, ident, G, 0, 0.9), graph=True)
-            r["plain_keeper_us"] = 1e3 * bench_ms(lambda: silu_mul_quantize(gate, up, perm, G, 128, 0.9), graph=True)
-            r["hadamard_keeper_us"] = 1e3 * bench_ms(
+            r["plain_keeper_us"] = 1e3 * timer(lambda: silu_mul_quantize(gate, up, perm, G, 128, 0.9), graph=True)
+            r["hadamard_keeper_us"] = 1e3 * timer(
                 lambda: silu_mul_hadamard_quantize(gate, up, rot.signs, rot.kron, perm, G, 128, 0.9), graph=True)
             r["ratio"] = r["hadamard_us"] / r["plain_us"]
             r["ratio_keeper"] = r["hadamard_keeper_us"] / r["plain_keeper_us"]
             if dense is not None and M <= args.dense_max_m:
-                r["dense_us"] = 1e3 * bench_ms(
+                r["dense_us"] = 1e3 * timer(
                     lambda: silu_mul_rotate_quantize(gate, up, dense, ident, G, 0, 0.9), graph=True)
             # bytes the fused kernel must move at least: gate + up read (fp16), packed codes + fp16 scales written
             r["hadamard_gbs"] = M * K * (4 + 0.5 + 2 / G) / (r["hadamard_us"] * 1e-6) / 1e9
             rows.append(r)
+            _write(args.json, rows, t_start, dev)  # after every row: a run cut short keeps what it measured
             print(f"{M:>6}{r['plain_us']:>9.1f}{r['hadamard_us']:>10.1f}{r['ratio']:>7.2f}{r['plain_keeper_us']:>9.1f}"
                   f"{r['hadamard_keeper_us']:>8.1f}{r['ratio_keeper']:>7.2f}{r.get('dense_us', float('nan')):>9.1f}"
                   f"  mismatch {r['q4_mismatch_fused']:.1e}/{r['q4_mismatch_keeper']:.1e}", flush=True)
-        _write(args.json, rows, t_start)  # after every shape: a run cut short by its time limit keeps what it did
     return 0
 
 
-def _write(path, rows, t_start) -> None:
+def _wall_ms(fn, **_) -> float:
+    """CPU stand-in for bench_ms (one call after a warm-up, wall clock): the interpreter's time means nothing."""
+    fn()
+    t = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t)
+
+
+def _write(path, rows, t_start, dev) -> None:
     if not path:
         return
     out = {"what": "fused SiLU*up + structured rotation + quantize (silu_mul_hadamard_quantize) vs the plain fused "
@@ -90,7 +103,9 @@ def _write(path, rows, t_start) -> None:
                    "silu_mul_hadamard_quantize_ref on the first min(M, 64) rows",
            "shapes": {k: {"K": v[0], "group": v[1], "factor": "hadamard" if kron_order(v[0]) else
                           "random orthogonal (no Hadamard of order K/128)"} for k, v in SHAPES.items()},
-           "seconds": round(time.time() - t_start, 1), "device": device_facts(), "rows": rows}
+           "seconds": round(time.time() - t_start, 1),
+           "device": device_facts() if dev == "cuda" else atom_lab.environment(),
+           "graph_failures": list(GRAPH_FAILURES), "rows": rows}
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
 

@@ -122,11 +122,11 @@ def _check_within_rounding(p, gate, up, rotation, index, G, keeper, clip):
     of the kernel's dot: y_kernel = y + e with |e| <= gamma * sum_k |v_k r_kj| (gamma = 2 K 2^-24: K fp32
     additions and one product rounding, a standard bound; the interpreter / tf32x3 accumulate in fp32). Returns the
     number of codes that differ from the exact reference (each is explained by the bound)."""
-    v = silu_mul_ref(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])).double()
-    R = dense_rotation(rotation).cpu()
+    # the bound is computed on the CPU in float64 (on a GPU the kernel's inputs and index live on the device)
+    v = silu_mul_ref(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])).double().cpu()
+    R, idx = dense_rotation(rotation).cpu(), index.long().cpu()
     K = v.shape[1]
-    y, err = (v @ R)[:, index.long()], ((v.abs() @ R.abs()) * (2 * K * 2.0 ** -24))[:, index.long()]
-    y, err = y.cpu(), err.cpu()
+    y, err = (v @ R)[:, idx], ((v.abs() @ R.abs()) * (2 * K * 2.0 ** -24))[:, idx]
     normal = K - keeper
 
     def scale_ok(s, lo, hi, qmax, c):
