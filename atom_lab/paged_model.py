@@ -193,15 +193,20 @@ class PagedDecoder:
                         out[drows] = decode_attn(q[drows], kc, ksz, vc, vsz, pt, dlen, fmt.bits, pool.page_size,
                                                  self.sm_scale, rope)
                     for i in prefill:
-                        t = tables[i]
-                        pages = torch.tensor(t.pages, dtype=torch.int64, device=dev)
-                        kk = gather_kv_ref(kc, ksz, fmt.bits, pages, new_len[i], pool.page_size)
-                        vv = gather_kv_ref(vc, vsz, fmt.bits, pages, new_len[i], pool.page_size)
-                        if rope is not None:
-                            kk = rope_ref(kk, torch.arange(new_len[i], device=dev), rope[0], rope[1])
                         a, b = offsets[i], offsets[i + 1]
-                        if self.prefill == "fresh":
-                            kk[starts[i]:], vv[starts[i]:] = k_rot[a:b].float(), v[a:b].float()
+                        if self.prefill == "fresh" and starts[i] == 0:
+                            # a whole prompt (or a recompute after preemption): every key is fresh, so reading the
+                            # cache back would only be overwritten below (the engine's prefill; same values)
+                            kk, vv = k_rot[a:b].float(), v[a:b].float()
+                        else:
+                            t = tables[i]
+                            pages = torch.tensor(t.pages, dtype=torch.int64, device=dev)
+                            kk = gather_kv_ref(kc, ksz, fmt.bits, pages, new_len[i], pool.page_size)
+                            vv = gather_kv_ref(vc, vsz, fmt.bits, pages, new_len[i], pool.page_size)
+                            if rope is not None:
+                                kk = rope_ref(kk, torch.arange(new_len[i], device=dev), rope[0], rope[1])
+                            if self.prefill == "fresh":
+                                kk[starts[i]:], vv[starts[i]:] = k_rot[a:b].float(), v[a:b].float()
                         out[a:b] = prefill_attention(q[a:b].float(), kk, vv, self.sm_scale)
                 x = residual + attn.o_proj(out.to(x.dtype).view(1, N, self.Hq * D))
                 residual = x

@@ -104,3 +104,25 @@ def test_bad_requests(tiny):
         eng.add_request(list(range(17)), SamplingParams(max_new_tokens=1))
     with pytest.raises(ValueError, match="vocabulary"):
         eng.add_request([999], SamplingParams())
+
+
+@pytest.mark.parametrize("rope", ["pre", "post"])
+def test_fresh_prefill_attends_over_float_kv(tiny, rope):
+    # The engine's prefill (PagedDecoder prefill="fresh"): a whole prompt attends over its own float K/V, so with an
+    # INT4 cache its last-token logits are the float model's (up to float32 reordering of the same sums), while
+    # "cache" attends over the INT4 codes just written and must differ.
+    from atom_lab.kv_cache import PagePool, PageTable
+    from atom_lab.paged_model import PagedDecoder
+
+    model = tiny[0]
+    prompt = torch.tensor(prompts()[3])  # 15 tokens
+    with torch.no_grad():
+        ref = model(prompt[None]).logits[0, -1].float()
+    got = {}
+    for mode in ("fresh", "cache"):
+        pool = PagePool.for_model(model, KVFormat(bits=4, dtype=torch.float32, rope=rope), 4, num_pages=8,
+                                  device="cpu")
+        got[mode] = PagedDecoder(model, pool, kernels="reference", prefill=mode).step([PageTable(pool)], [prompt])[0]
+    scale = ref.abs().max().item()
+    assert (got["fresh"] - ref).abs().max().item() <= 1e-4 * scale
+    assert (got["cache"] - ref).abs().max().item() > 1e-3 * scale

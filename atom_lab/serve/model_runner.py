@@ -94,15 +94,20 @@ class ModelRunner:
             at most the pool); longer sequences decode eagerly.
         fp8_weights: keep each packed W4A4 weight also as the library's FP8 operand and pass it to w4a4_gemm
             (w_fp8=), which then takes cuBLASLt's blockwise FP8 GEMM from M = 64 on SM90 (store_fp8_weights).
+        prefill: how a prompt attends (PagedDecoder's prefill=): "fresh" (default, as Atom's engine: SDPA over the
+            prompt's own float K/V, which are quantized into the pages as they are written, and no read-back of a
+            whole prompt's cache) or "cache" (over the K/V as stored: what teacher-forced perplexity through the
+            cache uses, atom_lab/kv_cache.py).
     """
 
     def __init__(self, model, kv: KVFormat, budget_bytes: float | None = None, num_pages: int | None = None,
                  page_size: int = 16, max_tokens_per_step: int = 2048, max_num_seqs: int = 64,
                  kernels: str | None = None, static_decode: bool = True, cuda_graphs: bool | None = None,
-                 max_model_len: int | None = None, fp8_weights: bool = False):
+                 max_model_len: int | None = None, fp8_weights: bool = False, prefill: str = "fresh"):
         if (budget_bytes is None) == (num_pages is None):
             raise ValueError("pass exactly one of budget_bytes= (weights + KV pool + activations) or num_pages=.")
         self.model = model
+        self.decoder_prefill = prefill
         self.fp8_weight_layers = store_fp8_weights(model) if fp8_weights else 0
         if fp8_weights and not self.fp8_weight_layers:
             raise ValueError("fp8_weights=True needs packed W4A4 layers on the triton backend (atom_lab.quantize_model "
@@ -131,7 +136,7 @@ class ModelRunner:
         else:  # num_pages for the sequences, plus the scratch page
             self.pool = PagePool.for_model(model, kv, page_size, num_pages=num_pages + bool(static_decode))
         self.page_ids = self.pool.allocate(self.pool.num_pages)  # the block manager hands these out
-        self.decoder = PagedDecoder(model, self.pool, kernels=kernels)
+        self.decoder = PagedDecoder(model, self.pool, kernels=kernels, prefill=prefill)
         self.vocab = model.config.vocab_size
         self.static = None
         if static_decode:
@@ -152,7 +157,7 @@ class ModelRunner:
         max_len = max_model_len or getattr(cfg, "max_position_embeddings", None) or tokens
         lens = [min(max_len, tokens - s) for s in range(0, tokens, max_len)]
         pool = PagePool.for_model(self.model, kv, page_size, num_pages=sum(-(-n // page_size) for n in lens))
-        dec = PagedDecoder(self.model, pool, kernels=kernels)
+        dec = PagedDecoder(self.model, pool, kernels=kernels, prefill=self.decoder_prefill)
         tables = [PageTable(pool) for _ in lens]
         ids = [torch.zeros(n, dtype=torch.long, device=self.device) for n in lens]
         torch.cuda.synchronize(self.device)
