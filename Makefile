@@ -46,7 +46,7 @@ lab: $(VENV)/.lab
 	$(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --notebook-dir=notebooks $(LAB_ROOT)
 
 test: $(VENV)/.dev
-	$(PY) -m pytest tests
+	$(PY) -m pytest --durations=30 tests
 	$(MAKE) --no-print-directory test-cpu-variants
 	$(PY) -m pytest $(NBVAL_ARGS) --durations=0 notebooks
 

@@ -293,7 +293,7 @@ def main(argv=None):
                     save()
                 continue
             points = [("budget", float(g)) for g in args.budgets.split(",") if g][:1]
-            points += [("sweep", int(b)) for b in args.batches.split(",")]
+            points += [("sweep", int(b)) for b in args.batches.split(",") if b]
             points += [("budget", float(g)) for g in args.budgets.split(",") if g][1:]
             if name in args.lognormal_formats.split(","):
                 points += [("lognormal", float(g)) for g in args.lognormal.split(",") if g]
