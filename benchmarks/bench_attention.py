@@ -133,6 +133,7 @@ def bench_sdpa(B, ctx, Hq, Hkv, gen):
 
 def smoke() -> int:
     """Every path the benchmark times, on tiny shapes under the interpreter, against the reference (no timing)."""
+    torch.manual_seed(0)  # randn_like below draws from the global generator
     gen = torch.Generator(device=DEV).manual_seed(0)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=DEV).float() / D))
     B, ctx, worst = 2, 256, 0.0
@@ -171,6 +172,7 @@ def main(argv=None) -> int:
     batches, contexts = ([8, 128], [4096, 16384]) if args.quick else (BATCHES, CONTEXTS)
     batches = [int(x) for x in args.batches.split(",")] if args.batches else batches
     contexts = [int(x) for x in args.contexts.split(",")] if args.contexts else contexts
+    torch.manual_seed(0)  # randn_like below draws from the global generator
     gen = torch.Generator(device=DEV).manual_seed(0)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=DEV).float() / D))
     table = rope_table(inv_freq, 1.0, max(contexts))
