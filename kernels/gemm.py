@@ -19,6 +19,8 @@ Methods (`method=`), the same function, each in its own module:
            into shared memory for Hopper's wgmma, with the fp32 rescale of one group overlapping the next group's
            MMA (SM90 + a triton with Gluon). Its twin, the fused kernel without swap or split, runs under the
            interpreter; tests/test_gemm_gluon.py pins the two together on the GPU.
+  "gemv"   kernels/gemm_gemv.py: for a few tokens, CUDA cores only: each program loads whole packed weight rows at
+           once and forms the integer group dots with int32 multiply-adds (any GPU, and the CPU interpreter).
 `method=None` chooses per GPU, torch version and M (`select_method`, a pure function; `choose_method` applies it). On the GPU triton.autotune picks tile shapes, split-K
 factor and pipeline depth per (shape, power-of-two M) among candidates taken from the sweeps (benchmarks/NOTES.md).
 The interpreter runs every method (tests), and every method runs compiled in tests/test_gemm.py on a GPU.
@@ -29,7 +31,7 @@ import os
 
 import torch
 
-from . import gemm_blockwise, gemm_fp8, gemm_gluon, gemm_int4
+from . import gemm_blockwise, gemm_fp8, gemm_gemv, gemm_gluon, gemm_int4
 from ._common import check_tensor, interpreting, pow2_at_least
 from .formats import PackedAtom
 from .gemm_fp8 import unpack_fp8  # noqa: F401  (part of this module's API: benchmarks time the unpack alone)
@@ -153,7 +155,7 @@ BLOCKWISE_MIN_M = 1024
 # With FP8 weights stored: blockwise beat the fused kernel at M = 64 on 12 of 12 shapes (0.60-1.12x vs 0.49-0.88x),
 # at M = 16 on none.
 STORED_MIN_M = 64
-METHODS = ("fused", "fp8", "blockwise", "gluon")
+METHODS = ("fused", "fp8", "blockwise", "gluon", "gemv")
 FALLBACKS: list = []  # shapes the library refused under method=None (they ran "fp8" instead)
 
 
@@ -243,7 +245,8 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
         w: PackedAtom of the weights, N rows (output channels), same K, keeper and group size G.
         out_dtype: torch.float16, torch.bfloat16 or torch.float32.
         residual: optional [M, N] tensor (fp16/bf16/fp32) added in the epilogue.
-        method: None (choose per GPU and M: select_method), "fused", "fp8" (needs FP8 tensor cores, or the
+        method: None (choose per GPU and M: select_method), "fused", "gemv" (CUDA cores, for a few tokens),
+            "fp8" (needs FP8 tensor cores, or the
             interpreter), "blockwise" (the library's FP8 GEMM: SM90 + torch >= 2.9, or its PyTorch twin under the
             interpreter; group size 128 only) or "gluon" (SM90 + Gluon, G = 64 or 128; its plain-Triton twin
             under the interpreter).
@@ -301,7 +304,9 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
     if res is not None and interpreting() and res.dtype == torch.bfloat16:
         res = res.float()
     out = torch.empty(M, N, dtype=kernel_dtype, device=device)
-    if interpreting():
+    if method == "gemv":
+        gemm_gemv.launch_gemv(a, w, out, res)
+    elif interpreting():
         BM, BN = _interp_tiles(M, N)
         if method in ("fused", "gluon"):  # "gluon": its twin, the fused kernel without swap or split
             gemm_int4._launch_fused(a, w, out, res, False, BM, BN, 1, 4, 1)
