@@ -136,51 +136,24 @@ def _codes_f16(b, SHIFT: tl.constexpr, MASK: tl.constexpr):
 
 
 @triton.jit
-def _slots(pt_ptr, b, max_pages, t, tmask, PAGE: tl.constexpr, RING: tl.constexpr):
-    """Cache slots [N] of tokens t [N] of sequence b: page table lookup (RING: one ring, slot = pt[b,0]*PAGE + t%PAGE)."""
-    if RING:
-        return tl.load(pt_ptr + b * max_pages).to(tl.int64) * PAGE + t % PAGE
-    page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)
-    return page.to(tl.int64) * PAGE + t % PAGE
-
-
-@triton.jit
-def _load_raw(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, mask,
-              PAIRS: tl.constexpr):
-    """The bytes of rows `slot` [N] of head h as stored (nothing converted, so they can be loaded one tile ahead):
-    (a, b, s, z): INT4 a = bytes uint8 [N, D/2] (b unused); INT8 a, b = the two halves' codes; float a, b = the
-    halves. PAIRS: s, z = the row's float16 (scale, zero) [N] (one pair per token per head), else unused."""
+def _load_codes(codes_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, mask):
+    """Rows `slot` [N] of head h -> codes of channels [0, D/2) and [D/2, D) as float16 [N, D/2] each (exact)."""
     d = tl.arange(0, HALF)[None, :]
     row = slot[:, None] * Hkv + h
     m = mask[:, None]
     if BITS == 4:
-        a = tl.load(codes_ptr + row * HALF + d, mask=m, other=0)
-        bb = 0
+        b = tl.load(codes_ptr + row * HALF + d, mask=m, other=0)
+        return _codes_f16(b, 0, 0xF), _codes_f16(b, 4, 0xF)
     else:
-        a = tl.load(codes_ptr + row * D + d, mask=m, other=0)
-        bb = tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0)
-    if PAIRS:
-        sc = tl.load(sz_ptr + slot * (Hkv * 2) + h * 2, mask=mask, other=0.0)
-        z = tl.load(sz_ptr + slot * (Hkv * 2) + h * 2 + 1, mask=mask, other=0.0)
-    else:
-        sc = 0.0
-        z = 0.0
-    return a, bb, sc, z
+        clo = _codes_f16(tl.load(codes_ptr + row * D + d, mask=m, other=0), 0, 0xFF)
+        chi = _codes_f16(tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0), 0, 0xFF)
+        return clo, chi
 
 
 @triton.jit
-def _codes_of(a, bb, BITS: tl.constexpr):
-    """_load_raw's codes -> channels [0, D/2) and [D/2, D) as float16 [N, D/2] each (exact integers)."""
-    if BITS == 4:
-        return _codes_f16(a, 0, 0xF), _codes_f16(a, 4, 0xF)
-    else:
-        return _codes_f16(a, 0, 0xFF), _codes_f16(bb, 0, 0xFF)
-
-
-@triton.jit
-def _dequant(a, bb, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-             BITS: tl.constexpr, mask, TG: tl.constexpr = 0, F32: tl.constexpr = False):
-    """_load_raw's rows -> (channels [0, D/2), channels [D/2, D)) as float16 [N, D/2] each, dequantized
+def _load_half(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+               BITS: tl.constexpr, mask, TG: tl.constexpr = 0, F32: tl.constexpr = False):
+    """Rows `slot` [N] of head h -> (channels [0, D/2), channels [D/2, D)) as float16 [N, D/2] each, dequantized
     (float32 with F32, for RoPE: one rounding to float16 after it). (c - z) * s in float16 is the float32 result
     rounded once: c - z is a small integer (exact) and the product of two float16 is exact in float32.
     TG > 0: KIVI keys, the pair of channel c of slot s at sz[s // TG, h, c]."""
@@ -189,11 +162,11 @@ def _dequant(a, bb, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, G
     m = mask[:, None]
     OUT: tl.constexpr = tl.float32 if F32 else tl.float16
     if BITS == 16:
-        lo = a.to(OUT)
-        hi = bb.to(OUT)
+        lo = tl.load(codes_ptr + row * D + d, mask=m, other=0.0).to(OUT)
+        hi = tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0.0).to(OUT)
     else:
         NG: tl.constexpr = D // G
-        clo, chi = _codes_of(a, bb, BITS)
+        clo, chi = _load_codes(codes_ptr, slot, h, Hkv, HALF, D, BITS, mask)
         if TG > 0:
             base = sz_ptr + ((slot[:, None] // TG) * Hkv + h) * (D * 2)
             glo = d * 2
@@ -265,30 +238,26 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc_lo = tl.zeros([BLOCK_Q, HALF], tl.float32)
     acc_hi = tl.zeros([BLOCK_Q, HALF], tl.float32)
-    # Software prefetch: the next tile's page-table entries, codes and per-token pairs are loaded (raw, into
-    # registers) before this tile is computed, so two tiles' bytes are in flight per program (one tile of INT4
-    # codes is 1/4 of a bf16 tile's bytes: with one in flight the loop waits on memory latency, not bandwidth).
-    t = t0 + tl.arange(0, BLOCK_N)
-    tmask = t < t_end
-    slot = _slots(pt_ptr, b, max_pages, t, tmask, PAGE, RING)
-    ka, kb, ks, kz = _load_raw(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, BITS, tmask, K_MODE == 1)
-    va, vb, vs, vz = _load_raw(vc_ptr, vsz_ptr, slot, h, Hkv, HALF, D, BITS, tmask, V_MODE == 1)
     for start in range(t0, t_end, BLOCK_N):
-        tn = t + BLOCK_N
-        tnmask = tn < t_end
-        slotn = _slots(pt_ptr, b, max_pages, tn, tnmask, PAGE, RING)
-        kan, kbn, ksn, kzn = _load_raw(kc_ptr, ksz_ptr, slotn, h, Hkv, HALF, D, BITS, tnmask, K_MODE == 1)
-        van, vbn, vsn, vzn = _load_raw(vc_ptr, vsz_ptr, slotn, h, Hkv, HALF, D, BITS, tnmask, V_MODE == 1)
+        t = start + tl.arange(0, BLOCK_N)
+        tmask = t < t_end
+        if RING:
+            slot = tl.load(pt_ptr + b * max_pages).to(tl.int64) * PAGE + t % PAGE
+        else:
+            page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)  # page table, per token
+            slot = page.to(tl.int64) * PAGE + t % PAGE
         if K_MODE == 1:
-            c_lo, c_hi = _codes_of(ka, kb, BITS)
+            c_lo, c_hi = _load_codes(kc_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
+            ks = tl.load(ksz_ptr + slot * (Hkv * 2) + h * 2, mask=tmask, other=0.0).to(tl.float32)
+            kz = tl.load(ksz_ptr + slot * (Hkv * 2) + h * 2 + 1, mask=tmask, other=0.0)
             if ROPE:  # rotate the exact integers c - z, round once to float16, the scale after the dot
                 u_lo, u_hi = _rope_rows((c_lo - kz[:, None]).to(tl.float32), (c_hi - kz[:, None]).to(tl.float32),
                                         tab_ptr, t, HALF, tmask)
-                sc = ks.to(tl.float32)[None, :] * (tl.dot(q_lo, tl.trans(u_lo.to(tl.float16))) +
-                                                   tl.dot(q_hi, tl.trans(u_hi.to(tl.float16))))
+                sc = ks[None, :] * (tl.dot(q_lo, tl.trans(u_lo.to(tl.float16))) +
+                                    tl.dot(q_hi, tl.trans(u_hi.to(tl.float16))))
             else:
                 qc = tl.dot(q_lo, tl.trans(c_lo)) + tl.dot(q_hi, tl.trans(c_hi))
-                sc = ks.to(tl.float32)[None, :] * (qc - kz.to(tl.float32)[None, :] * q_sum[:, None])
+                sc = ks[None, :] * (qc - kz.to(tl.float32)[None, :] * q_sum[:, None])
         elif K_MODE == 2 or K_MODE == 3:
             # the tile's tokens share one key group: its pairs are one [D] row of k_sz (scale, zero interleaved)
             g = tl.load(pt_ptr + b * max_pages + start // PAGE).to(tl.int64) * (PAGE // KEY_TG) + \
@@ -298,7 +267,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
             z_lo = tl.load(gbase + d * 2 + 1)
             s_hi = tl.load(gbase + (d + HALF) * 2)
             z_hi = tl.load(gbase + (d + HALF) * 2 + 1)
-            c_lo, c_hi = _codes_of(ka, kb, BITS)
+            c_lo, c_hi = _load_codes(kc_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
             if K_MODE == 2:
                 qs_lo = (q32_lo * s_lo.to(tl.float32)[None, :]).to(tl.float16)
                 qs_hi = (q32_hi * s_hi.to(tl.float32)[None, :]).to(tl.float16)
@@ -311,7 +280,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
                                         tab_ptr, t, HALF, tmask)
                 sc = tl.dot(q_lo, tl.trans(k_lo.to(tl.float16))) + tl.dot(q_hi, tl.trans(k_hi.to(tl.float16)))
         else:
-            k_lo, k_hi = _dequant(ka, kb, ksz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask, KEY_TG, ROPE)
+            k_lo, k_hi = _load_half(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask, KEY_TG, ROPE)
             if ROPE:  # K stored before RoPE (Atom): rotate the dequantized halves at their positions
                 k_lo, k_hi = _rope_rows(k_lo, k_hi, tab_ptr, t, HALF, tmask)
                 k_lo, k_hi = k_lo.to(tl.float16), k_hi.to(tl.float16)
@@ -322,20 +291,19 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if V_MODE == 1:
-            v_lo, v_hi = _codes_of(va, vb, BITS)
-            ps16 = (p * vs.to(tl.float32)[None, :]).to(tl.float16)
-            pz = tl.sum(ps16.to(tl.float32) * vz.to(tl.float32)[None, :], axis=1)  # the same rounded p * s
+            v_lo, v_hi = _load_codes(vc_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
+            vs = tl.load(vsz_ptr + slot * (Hkv * 2) + h * 2, mask=tmask, other=0.0).to(tl.float32)
+            vz = tl.load(vsz_ptr + slot * (Hkv * 2) + h * 2 + 1, mask=tmask, other=0.0).to(tl.float32)
+            ps16 = (p * vs[None, :]).to(tl.float16)
+            pz = tl.sum(ps16.to(tl.float32) * vz[None, :], axis=1)  # the same rounded p * s as the dot
             acc_lo = acc_lo * alpha[:, None] + tl.dot(ps16, v_lo) - pz[:, None]
             acc_hi = acc_hi * alpha[:, None] + tl.dot(ps16, v_hi) - pz[:, None]
         else:
-            v_lo, v_hi = _dequant(va, vb, vsz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
+            v_lo, v_hi = _load_half(vc_ptr, vsz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
             p16 = p.to(tl.float16)
             acc_lo = acc_lo * alpha[:, None] + tl.dot(p16, v_lo)
             acc_hi = acc_hi * alpha[:, None] + tl.dot(p16, v_hi)
         m_i = m_new
-        t, tmask, slot = tn, tnmask, slotn
-        ka, kb, ks, kz = kan, kbn, ksn, kzn
-        va, vb, vs, vz = van, vbn, vsn, vzn
     valid = t0 < n
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     sp = split0 + sp
