@@ -21,6 +21,8 @@ Methods (`method=`), the same function, each in its own module:
            interpreter; tests/test_gemm_gluon.py pins the two together on the GPU.
   "gemv"   kernels/gemm_gemv.py: for a few tokens, CUDA cores only: each program loads whole packed weight rows at
            once and forms the integer group dots with int32 multiply-adds (any GPU, and the CPU interpreter).
+           Never picked: on the H200 it ran 0.83-1.16x bf16 at M = 1 (the fused kernel 1.16-1.64x) and far slower
+           at M = 4-16 (results/gemm_h200_gemv.json, benchmarks/NOTES.md).
 `method=None` chooses per GPU, torch version and M (`select_method`, a pure function; `choose_method` applies it). On the GPU triton.autotune picks tile shapes, split-K
 factor and pipeline depth per (shape, power-of-two M) among candidates taken from the sweeps (benchmarks/NOTES.md).
 The interpreter runs every method (tests), and every method runs compiled in tests/test_gemm.py on a GPU.

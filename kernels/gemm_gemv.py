@@ -10,6 +10,12 @@ block of BM tokens forms the exact integer group dots with int32 multiply-adds o
 Both operands use the same byte layout (kernels/pack.py), so pairing low with low and high with high nibbles of the
 same byte gives the group's dot without restoring the channel order (for G = 32 the low nibbles of a 64-block are
 one group and the high nibbles the next). Runs in the CPU interpreter as is (tests).
+
+Measured on the H200 (results/gemm_h200_gemv.json): 0.83-1.16x cuBLAS bf16 at M = 1, behind the fused kernel
+(1.16-1.64x), and 4x / 16x slower again at M = 4 / 16: instruction-bound, not latency-bound. The SASS shows why:
+Triton lays the [BN, groups, 64] byte tile out with a group's 64 bytes across lanes, so each dot ends in warp
+reductions and a shared-memory layout conversion (872 instructions per 8 KB program: PRMT byte extraction, IMAD,
+STS/LDS, barriers), and the token loop repeats all of it per token. Kept as a measured hypothesis, never dispatched.
 """
 from __future__ import annotations
 

@@ -111,8 +111,8 @@ def test_matches_reference_random(case, method):
         pytest.skip("the library's blocks are 128 wide")
     if method == "gluon" and case["group"] == 32:
         pytest.skip("the Gluon kernel takes groups of 64 or 128")
-    if method == "gemv" and case["M"] > 64:
-        pytest.skip("the CUDA-core kernel is for a few tokens (slow in the interpreter at hundreds)")
+    if method == "gemv" and case["M"] > 16:
+        pytest.skip("the CUDA-core kernel is for a few tokens (slow in the interpreter at more)")
     if method == "blockwise" and GPU and case["N"] % gemm_blockwise.N_ALIGN:
         pytest.skip("cuBLASLt needs N % 16 == 0 (w4a4_gemm's dispatch keeps 'fp8' there)")
     a, w = packed_pair(case["M"], case["N"], case["K4"], case["group"], case["keeper"], case["seed"])
