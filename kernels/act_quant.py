@@ -8,15 +8,18 @@ Every token row x [K] goes through, in ONE kernel:
                              last keeper channels: INT8 with one scale per token (kernels/formats.py)
 and each wrapper has a PyTorch `*_ref` beside it, built on kernels.formats.quantize_atom_ref.
 
-Why the kernel looks like this:
-- The reorder is a gather by an arbitrary permutation, done by the loads themselves: a program walks its row(s) in
-  chunks of CHUNK reordered positions, loads index[chunk] and then x[row, index[chunk]] (for RMSNorm the row was
-  just read contiguously to get its norm, so these loads hit the cache), quantizes whole groups and stores packed
-  bytes. Any K works: chunks are powers of two with masked ragged ends (11008 - 128 = 10880 = 21 x 512 + 128).
-  (tl.gather on a register-resident row was tried first: Triton 3.6-3.9 lays such a gather out warp-locally, with
-  a number of shuffles quadratic in the row length; a 4096-channel row took ~4 minutes to compile.)
+Why the kernel looks like this (benchmarks/NOTES.md has the H200 measurements):
+- One program holds one whole row in registers as 1-D tensors (_atom_quantize_kernel), read with 16-byte loads and
+  reordered by tl.gather, which Triton lowers for a 1-D tensor over several warps to one shared-memory store of the
+  row and one shared-memory load per value. (A 2-D [rows, K] gather is laid out warp-locally, with shuffles
+  quadratic in the row length: minutes to compile.) The norm weight is gathered once per (weight, index) on the
+  host; an identity index (channels permuted offline) skips the gather. Programs are persistent and load the next
+  row while they quantize this one (not for SiLU * up). Rows are padded to a power of two (K = 11008 -> 16384).
+- The earlier kernel (_atom_quantize_chunked_kernel, USE_CHUNKED) walked each row in chunks and gathered from global
+  memory; it is 2-3x slower on the H200 and kept only to be timed beside this one.
 - Quantization matches atom_lab.quantizers.quantize_symmetric bit for bit: the group max is exact in any order, the
-  division is IEEE (tl.math.div_rn: Triton's `/` on fp32 is the approximate div.full.f32 on NVIDIA GPUs), the
+  division is IEEE (tl.math.div_rn, or on the GPU a correctly rounded reciprocal + Markstein's correction, which
+  gives the same bits: _nibbles; Triton's `/` on fp32 is the approximate div.full.f32 on NVIDIA GPUs), the
   rounding is half-to-even by the 1.5 * 2^23 add/subtract trick after clamping (the interpreter has no libdevice),
   fp32 -> fp16 conversion rounds to nearest even on both sides.
 - RMSNorm and SiLU involve a sum and an exp whose rounding depends on the order and the library. To keep scales
@@ -379,14 +382,17 @@ _PREPARED: dict[tuple, tuple] = {}
 
 
 def _prepared(index, weight, gather: bool):
-    """(index as int32, the norm weight in reordered order) for the kernel, made once per (index, weight) and
+    """(index as int16/int32, the norm weight in reordered order) for the kernel, made once per (index, weight) and
     remembered until either is modified in place or freed (each is a fixed per-layer tensor)."""
     key = (id(index), index._version, None if weight is None else (id(weight), weight._version), gather)
     hit = _PREPARED.get(key)
     if hit is not None and hit[0]() is index and (weight is None or hit[1]() is weight):
         return hit[2], hit[3]
-    idx = index.to(torch.int32).contiguous()
-    w = None if weight is None else (weight.float()[index.long()].contiguous() if gather else weight)
+    # int16 where it fits: the gathered values take the index's register layout, 8 per thread instead of 4, which
+    # halves the per-group work replicated across lanes (~10% fewer instructions, compiled for sm_90); likewise the
+    # weight stays in its own (16-bit) dtype
+    idx = index.to(torch.int16 if index.shape[0] <= 32767 else torch.int32).contiguous()
+    w = None if weight is None else (weight[index.long()].contiguous() if gather else weight)
     if len(_PREPARED) > 4096:
         _PREPARED.clear()
     _PREPARED[key] = (weakref.ref(index), None if weight is None else weakref.ref(weight), idx, w)
