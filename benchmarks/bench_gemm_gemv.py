@@ -61,9 +61,10 @@ def main() -> None:
             if gpu:
                 row.update(fused_x_bf16=row["bf16_us"] / row["fused_us"], gemv_x_bf16=row["bf16_us"] / best[0])
             rows.append(row)
-            print(f"{model:4s} {name:8s} K={K:5d} N={N:5d} M={M:3d} bf16 {row['bf16_us']:7.1f} fused {row['fused_us']:7.1f} "
-                  f"gemv {row['gemv4096_us']:7.1f}/{row['gemv8192_us']:7.1f}/{row['gemv16384_us']:7.1f} us  "
-                  f"x{row.get('fused_x_bf16', 0):.2f} -> x{row.get('gemv_x_bf16', 0):.2f}  err {row['gemv8192_err']:.1e}",
+            print(f"{model:4s} {name:8s} K={K:5d} N={N:5d} M={M:3d} bf16 {row['bf16_us']:7.1f} "
+                  f"fused {row['fused_us']:7.1f} gemv {row['gemv4096_us']:7.1f}/{row['gemv8192_us']:7.1f}/"
+                  f"{row['gemv16384_us']:7.1f} us  x{row.get('fused_x_bf16', 0):.2f} -> "
+                  f"x{row.get('gemv_x_bf16', 0):.2f}  err {row['gemv8192_err']:.1e}",
                   flush=True)
         res = dict(device=info, rows=rows, seconds=time.time() - t0)  # after every shape (a cut-off run keeps it)
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
