@@ -66,9 +66,9 @@ LAUNCH_GRAPH_S, LAUNCH_EAGER_S, ALLREDUCE_LATENCY_S = 2.5e-6, 6e-6, 8e-6
 # Seconds per decode step the cost model's kernels do not explain, per weight format (host work of the step:
 # sampling, scheduling, graph replay; and launches beyond KERNELS_PER_LAYER), and host seconds per sequence of an
 # eager prefill step (PagedDecoder.step's per-sequence loop). W8A8's 8.1 ms is its unfused per-token FP8 quantizer:
-# counted on the CPU (a TorchDispatchMode over one static decode step of bench_serving's tiny model), W8A8 runs
-# 127 more torch kernels per layer than FP16 (abs / amax / div / clamp / casts per linear), 4,064 per Llama-7B step,
-# i.e. 2.0 us each under the graph.
+# counted on the CPU (benchmarks/serve_kernel_count.py: a TorchDispatchMode over one static decode step), W8A8 runs
+# 49 more torch kernels per layer than FP16 (abs / amax / div / clamp / casts per linear), 1,568 per Llama-7B step,
+# i.e. 5.2 us each under the graph (launch gap plus a small reduction over [B, K]).
 ENGINE_STEP_OVERHEAD_S = {"fp16": 0.13e-3, "bf16": 0.13e-3, "w8a8": 8.1e-3, "w4a16": 0.0, "w4a4": 5.07e-3}
 PREFILL_OVERHEAD_S = 0.048
 # The engine's GEMMs against the GEMM benchmark's: decode-step GEMM time and prefill GEMM time are multiplied by
