@@ -72,6 +72,9 @@ def main(argv=None):
     ap.add_argument("--simulate", default="all", help="indices into FORMATS that also get the float simulation "
                     "(default all; 'none')")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--load-quantized", default=None, help="a directory written by atom_lab.save_quantized with the "
+                    "same W4A4 config and calibration (e.g. benchmarks/ablation_kv4.py --cache): load it instead of "
+                    "quantizing (2,051 s on a 2-core CPU)")
     ap.add_argument("--baseline-from", default=None, help="a JSON of an earlier run at the same protocol: reuse its "
                     "float model's no-KV perplexity instead of recomputing it (541 s at 8 x 2048 on a 2-core CPU)")
     args = ap.parse_args(argv)
@@ -100,7 +103,7 @@ def main(argv=None):
         if (prev["windows"], prev["seq_len"]) != (args.windows, args.seq_len):
             raise ValueError(f"--baseline-from {args.baseline_from} has windows={prev['windows']}, seq_len="
                              f"{prev['seq_len']}: use a run of the same protocol or drop --baseline-from.")
-        out["no_kv_quant"]["float"] = prev["no_kv_quant"]["float"]
+        out["no_kv_quant"].update(prev["no_kv_quant"])
         out["baseline_from"] = args.baseline_from
     else:
         out["no_kv_quant"]["float"] = ppl_of(window_nll(model, windows, progress=False), windows)
@@ -111,11 +114,21 @@ def main(argv=None):
         t = time.time()
         cfg = atom_lab.AtomConfig.preset("atom", gptq=args.gptq, kv_bits=16,
                                          name=f"atom ({'GPTQ' if args.gptq else 'RTN'}), KV in the cache")
-        qmodel = atom_lab.quantize_model(copy.deepcopy(model), cfg, calibration=corpus["calibration"]["text"],
-                                         tokenizer=tok, progress=False, n_tokens=args.calib_tokens, seq_len=args.calib_seq_len)
+        if args.load_quantized:
+            qmodel, _ = atom_lab.load_quantized(args.load_quantized, device="cpu", backend="reference")
+            if {k: v for k, v in vars(qmodel.atom_config).items() if k != "name"} != \
+                    {k: v for k, v in vars(cfg).items() if k != "name"}:
+                raise ValueError(f"--load-quantized {args.load_quantized} holds config {qmodel.atom_config}, not "
+                                 f"{cfg}: quantize it with the same preset or drop --load-quantized.")
+            out["loaded_from"] = args.load_quantized
+        else:
+            qmodel = atom_lab.quantize_model(copy.deepcopy(model), cfg, calibration=corpus["calibration"]["text"],
+                                             tokenizer=tok, progress=False, n_tokens=args.calib_tokens,
+                                             seq_len=args.calib_seq_len)
         out["w4a4_config"] = cfg.name
         out["calibration"] = f"wiki/calibration, {args.calib_tokens} tokens in windows of {args.calib_seq_len}"
-        out["no_kv_quant"]["w4a4"] = ppl_of(window_nll(qmodel, windows, progress=False), windows)
+        if "w4a4" not in out["no_kv_quant"]:
+            out["no_kv_quant"]["w4a4"] = ppl_of(window_nll(qmodel, windows, progress=False), windows)
         print(f"w4a4 model ({cfg.name}, quantized in {time.time() - t:.0f} s), no KV quantization: "
               f"{out['no_kv_quant']['w4a4']:.3f}", flush=True)
         save()
