@@ -97,6 +97,10 @@ class StaticDecoder:
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool_handle = None
         self.replays = self.eager_steps = 0
+        # K before RoPE: the decode kernel's cos | sin table for every position a graph step can hold, built once
+        # here and held by this object, so a captured graph never points at a table the decoder has since replaced
+        # (and no graph rebuilds it on every replay)
+        self.rope = decoder._rope(max_pages * decoder.pool.page_size) if decoder.pool.fmt.rope == "pre" else None
         # the pinned host array must not be rewritten while its last asynchronous copy is still pending
         self.copied = torch.cuda.Event() if pin else None
 
@@ -152,7 +156,7 @@ class StaticDecoder:
             write = kv_write if checked else _kv_write_unchecked
         else:
             write = kv_write_ref
-        rope = (d.inv_freq, d.rope_scaling) if fmt.rope == "pre" else None
+        rope = self.rope
         x = d.inner.embed_tokens(ids)[None]  # [1, B, H]
         rot = rope_at(d.inner, x, pos)
 
