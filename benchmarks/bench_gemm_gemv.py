@@ -7,7 +7,6 @@ Every output is checked against w4a4_gemm_ref (max |err| / max |ref| recorded).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ import atom_lab  # noqa: E402,F401
 
 from atom_lab.kernels import gemm_gemv, w4a4_gemm, w4a4_gemm_ref  # noqa: E402
 from atom_lab.kernels.formats import quantize_atom_ref  # noqa: E402
-from benchmarks.common import SHAPES, bench_ms, device_facts  # noqa: E402
+from benchmarks.common import SHAPES, bench_ms, device_facts, write_json  # noqa: E402
 
 DEV = atom_lab.default_device().type
 
@@ -67,9 +66,7 @@ def main() -> None:
                   f"x{row.get('gemv_x_bf16', 0):.2f}  err {row['gemv8192_err']:.1e}",
                   flush=True)
         res = dict(device=info, rows=rows, seconds=time.time() - t0)  # after every shape (a cut-off run keeps it)
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.out, res)
     print(f"wrote {args.out} in {time.time() - t0:.0f} s")
 
 

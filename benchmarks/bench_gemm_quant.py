@@ -13,7 +13,6 @@ The bytes counted are the inputs read (x, up, weight, index) and the packed outp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from atom_lab.kernels import act_quant as aq  # noqa: E402
-from benchmarks.common import GRAPH_FAILURES, bench_ms, copy_bandwidth_gbs, device_facts  # noqa: E402
+from benchmarks.common import GRAPH_FAILURES, bench_ms, copy_bandwidth_gbs, device_facts, write_json  # noqa: E402
 
 GROUP, KEEPER = 128, 128
 DEV = atom_lab.default_device().type  # "cpu": a smoke run through the interpreter (--smoke), timings meaningless
@@ -169,9 +168,7 @@ def main() -> None:
         r["fraction_of_1gib_copy"] = r["gbs"] / info["copy_gbs_1gib"]
     res["graph_failures"] = GRAPH_FAILURES
     res["seconds"] = time.time() - t0
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(args.out, res)
     print(f"wrote {args.out} in {res['seconds']:.0f} s")
 
 

@@ -65,6 +65,16 @@ def bench_ms(fn, warmup: int = 10, rep: int = 40, flush: str = "write", graph: b
         driver.__dict__.pop("clear_cache", None)
 
 
+def write_json(path: str, obj) -> None:
+    """Write a benchmark's results (creating the folder), so a run cut short still leaves what it measured."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
 def device_facts() -> dict:
     env = atom_lab.environment()
     p = torch.cuda.get_device_properties(0)
