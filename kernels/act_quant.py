@@ -138,16 +138,25 @@ def _scale_fp16(amax, clip, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _scale_fp16_fast(amax, clip, QMAX: tl.constexpr, FAST: tl.constexpr):
-    """_scale_fp16 (the same bits); FAST: the IEEE division by QMAX as a multiply by RN(1 / QMAX) and Markstein's
-    correction (see _nibbles): every lane holding part of a group computes its scale, so this runs per 4 values."""
-    a = amax * clip
+def _div_ieee(a, b, FAST: tl.constexpr):
+    """The IEEE (correctly rounded) float32 quotient a / b; b may broadcast against a. FAST (the GPU): one IEEE
+    reciprocal r per element of b, then y = a * r, the exact remainder e = fma(-y, b, a) and fma(e, r, y):
+    Markstein's correction, which returns the correctly rounded quotient when r is the correctly rounded reciprocal
+    (3 instructions per element of a instead of div.rn's ~10; checked against div_rn on the GPU,
+    benchmarks/bench_gemm_quant.py). The interpreter has no fused multiply-add, so it divides."""
     if FAST:
-        r = tl.math.div_rn(tl.full(a.shape, 1.0, tl.float32), tl.full(a.shape, QMAX * 1.0, tl.float32))
+        r = tl.math.div_rn(tl.full(b.shape, 1.0, tl.float32), b)
         y = a * r
-        a = tl.fma(tl.fma(-y, QMAX * 1.0, a), r, y)
+        return tl.fma(tl.fma(-y, b, a), r, y)
     else:
-        a = tl.math.div_rn(a, QMAX * 1.0)
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _scale_fp16_fast(amax, clip, QMAX: tl.constexpr, FAST: tl.constexpr):
+    """_scale_fp16 (the same bits), its division by _div_ieee: every lane holding part of a group computes its
+    scale, so this runs per 4 values."""
+    a = _div_ieee(amax * clip, tl.full(amax.shape, QMAX * 1.0, tl.float32), FAST)
     return tl.maximum(a, _MIN_SCALE).to(tl.float16)
 
 
@@ -193,19 +202,10 @@ def _silu_mul(g, up, LIBDEVICE: tl.constexpr):
 def _nibbles(v, scale_fp16, FAST: tl.constexpr):
     """round_half_even(v / scale) clamped to [-8, 7], as its low 4 bits (int32). v: [.., G]; scale_fp16: [.., 1].
 
-    v / scale is the IEEE quotient either way. FAST (the GPU): one IEEE reciprocal r per group, then per value
-    y = v * r, the exact remainder e = fma(-y, scale, v) and fma(e, r, y): Markstein's correction, which returns the
-    correctly rounded quotient when r is the correctly rounded reciprocal (3 instructions instead of div.rn's ~10;
-    checked against div_rn on the GPU, benchmarks/bench_gemm_quant.py). The interpreter has no fused multiply-add,
-    so it divides. After the clamp, v + 1.5 * 2^23 holds 1.5 * 2^23 + q exactly and its low mantissa bits ARE q in
-    two's complement: no float -> int conversion (16 per cycle per SM on Hopper) and no subtraction."""
-    s = scale_fp16.to(tl.float32)
-    if FAST:
-        r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-        y = v * r
-        v = tl.fma(tl.fma(-y, s, v), r, y)
-    else:
-        v = tl.math.div_rn(v, s)
+    v / scale is the IEEE quotient either way (_div_ieee: on the GPU one reciprocal per group). After the clamp,
+    v + 1.5 * 2^23 holds 1.5 * 2^23 + q exactly and its low mantissa bits ARE q in two's complement: no
+    float -> int conversion (16 per cycle per SM on Hopper) and no subtraction."""
+    v = _div_ieee(v, scale_fp16.to(tl.float32), FAST)
     v = tl.minimum(tl.maximum(v, -8.0), 7.0)
     return (v + _ROUND_MAGIC).to(tl.int32, bitcast=True) & 0xF
 
