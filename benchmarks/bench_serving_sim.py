@@ -42,19 +42,41 @@ def workload_of(p):
     return atom_lognormal_workload(4 * p["batch"], seed=0), p["batch"]
 
 
-def sim_point(shape, p, rope, **cost):
-    work, cap = workload_of(p)
-    return simulate(shape, Format.parse(p["format"].replace("w4a4fp8", "w4a4")), H200, 200e9, work, max_num_seqs=cap,
-                    max_tokens_per_step=STEP_TOKENS, page_size=PAGE, num_pages=p["measured"]["num_pages"],
-                    rope=rope, **cost)
+def load_points(paths) -> tuple[ModelShape, list[dict]]:
+    """The measured points of serving JSONs, each tagged with its file ("source") and where its K sat ("rope")."""
+    points, shape = [], None
+    for path in paths:
+        res = json.load(open(path))
+        shape = shape_of(res)
+        points += [dict(p, source=str(path), rope=res.get("kv_rope", "post")) for p in res["points"]
+                   if "measured" in p]
+    return shape, points
+
+
+def _format(p) -> Format:
+    return Format.parse(p["format"].replace("w4a4fp8", "w4a4"))  # w4a4fp8: the same bytes in the cost model
 
 
 def _weights(p) -> str:
-    return Format.parse(p["format"].replace("w4a4fp8", "w4a4")).weights
+    return _format(p).weights
 
 
 def _kv(p) -> str:
-    return f"{p['rope']}-{int(p['format'].split('-kv')[1])}"
+    return f"{p['rope']}-{_format(p).kv_bits}"
+
+
+def sim_point(shape, p, rope, **cost):
+    work, cap = workload_of(p)
+    return simulate(shape, _format(p), H200, 200e9, work, max_num_seqs=cap, max_tokens_per_step=STEP_TOKENS,
+                    page_size=PAGE, num_pages=p["measured"]["num_pages"], rope=rope, **cost)
+
+
+def fitted_cost(params, p) -> dict:
+    """The CostModel fields of a fit for point p's formats."""
+    w = _weights(p)
+    return dict(kv_efficiency=params["kv_efficiency"][_kv(p)], step_overhead=params["step_overhead_s"][w],
+                prefill_overhead=params["prefill_overhead_s"], gemm_scale=params["gemm_scale"][w],
+                prefill_scale=params["prefill_scale"][w])
 
 
 def nnls(a: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -120,14 +142,10 @@ def predict(shape, p, params=None):
     if params is None:
         # what the simulator said before any engine data: the kernel benchmark's post-RoPE KV efficiencies, 1 ms per
         # step, no host time for prefill, every GEMM at its benchmark's efficiency
-        kb = int(p["format"].split("-kv")[1])
-        r = sim_point(shape, p, "post", kv_efficiency=PRIOR_KV_EFFICIENCY[kb], step_overhead=1e-3,
+        r = sim_point(shape, p, "post", kv_efficiency=PRIOR_KV_EFFICIENCY[_format(p).kv_bits], step_overhead=1e-3,
                       prefill_overhead=None, gemm_scale=1.0, prefill_scale=1.0)
         return r.tokens_per_s, r.decode_latency_s * 1e3
-    w = _weights(p)
-    r = sim_point(shape, p, p["rope"], kv_efficiency=params["kv_efficiency"][_kv(p)],
-                  step_overhead=params["step_overhead_s"][w], prefill_overhead=params["prefill_overhead_s"],
-                  gemm_scale=params["gemm_scale"][w], prefill_scale=params["prefill_scale"][w])
+    r = sim_point(shape, p, p["rope"], **fitted_cost(params, p))
     return r.tokens_per_s, r.decode_latency_s * 1e3
 
 
@@ -144,8 +162,7 @@ def bar_analysis(shape, points, params, budget_gb=24.0):
     out = {"budget_gb": budget_gb, "kv_rope": rope, "w4a4_kv4_tokens_per_s": tps(w4),
            "x_fp16": fp16 and tps(w4) / tps(fp16), "x_w8a8": w8 and tps(w4) / tps(w8), "bars": {"x_fp16": 5.0,
                                                                                                "x_w8a8": 2.0}}
-    base = dict(kv_efficiency=params["kv_efficiency"][_kv(w4)], step_overhead=params["step_overhead_s"]["w4a4"],
-                prefill_overhead=params["prefill_overhead_s"], gemm_scale=1.0, prefill_scale=1.0)
+    base = fitted_cost(params, w4)
     r = sim_point(shape, w4, rope, **base)
     steps = max(1, r.decode_steps)
     out["decode_step_ms"] = {k: 1e3 * v / steps for k, v in r.decode_breakdown.items()}
@@ -168,11 +185,7 @@ def main(argv=None):
     ap.add_argument("json", nargs="+")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    points, shape = [], None
-    for path in args.json:
-        res = json.load(open(path))
-        shape = shape_of(res)
-        points += [dict(p, source=path, rope=res.get("kv_rope", "post")) for p in res["points"] if "measured" in p]
+    shape, points = load_points(args.json)
     train = [p for p in points if p["workload"] == "sweep"]
     test = [p for p in points if p["workload"] != "sweep"]
     params = fit(shape, train)

@@ -94,17 +94,10 @@ def test_engine_constants_are_the_fit_of_the_committed_serving_json():
     # The KV efficiencies, the engine's per-step and per-prefilled-sequence costs and W4A16's GEMM scales come from
     # benchmarks/bench_serving_sim.py's least squares on the H200 batch sweeps (train points only) of the two
     # committed serving JSONs; the committed constants must be that fit, rounded.
-    import json
-
-    from benchmarks.bench_serving_sim import fit, shape_of
+    from benchmarks.bench_serving_sim import fit, load_points
     from atom_lab.serve import sim
-    train, shape = [], None
-    for name in ("serve_h200.json", "serve_h200_lowbit.json"):
-        res = json.load(open(RESULTS / name))
-        shape = shape_of(res)
-        train += [dict(p, rope=res["kv_rope"]) for p in res["points"] if p.get("workload") == "sweep"
-                  and "measured" in p]
-    params = fit(shape, train)
+    shape, points = load_points([RESULTS / "serve_h200.json", RESULTS / "serve_h200_lowbit.json"])
+    params = fit(shape, [p for p in points if p["workload"] == "sweep"])
     assert {k: round(e, 3) for k, e in params["kv_efficiency"].items()} == {
         f"{r}-{b}": e for (r, b), e in sim.KV_EFFICIENCY.items()}
     assert {w: round(v, 5) for w, v in params["step_overhead_s"].items()} == {
