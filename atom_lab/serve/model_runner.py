@@ -107,7 +107,6 @@ class ModelRunner:
         if (budget_bytes is None) == (num_pages is None):
             raise ValueError("pass exactly one of budget_bytes= (weights + KV pool + activations) or num_pages=.")
         self.model = model
-        self.decoder_prefill = prefill
         self.fp8_weight_layers = store_fp8_weights(model) if fp8_weights else 0
         if fp8_weights and not self.fp8_weight_layers:
             raise ValueError("fp8_weights=True needs packed W4A4 layers on the triton backend (atom_lab.quantize_model "
@@ -122,7 +121,7 @@ class ModelRunner:
             # the decode graphs' pool): measure the largest prefill step with the allocator's counters instead and
             # reserve the larger of the two, plus the decode graphs' share (their pool and static logits).
             self.measured_activations = self._profile_prefill(kv, page_size, max_tokens_per_step, max_model_len,
-                                                              kernels)
+                                                              kernels, prefill)
             graphs = max_num_seqs * (2 * self.shape.vocab * 4 + 8 * self.shape.intermediate * 2)
             self.activation_reserve = max(self.activation_reserve, self.measured_activations) + graphs
         self.budget = budget_bytes
@@ -150,14 +149,14 @@ class ModelRunner:
                                         cuda_graphs=cuda_graphs)
 
     @torch.no_grad()
-    def _profile_prefill(self, kv, page_size, tokens, max_model_len, kernels) -> int:
+    def _profile_prefill(self, kv, page_size, tokens, max_model_len, kernels, prefill) -> int:
         """CUDA: bytes the largest prefill step (`tokens` tokens, in sequences of at most max_model_len) allocates
         above what is live before it, by torch.cuda.max_memory_allocated, on a pool just big enough for it."""
         cfg = self.model.config
         max_len = max_model_len or getattr(cfg, "max_position_embeddings", None) or tokens
         lens = [min(max_len, tokens - s) for s in range(0, tokens, max_len)]
         pool = PagePool.for_model(self.model, kv, page_size, num_pages=sum(-(-n // page_size) for n in lens))
-        dec = PagedDecoder(self.model, pool, kernels=kernels, prefill=self.decoder_prefill)
+        dec = PagedDecoder(self.model, pool, kernels=kernels, prefill=prefill)
         tables = [PageTable(pool) for _ in lens]
         ids = [torch.zeros(n, dtype=torch.long, device=self.device) for n in lens]
         torch.cuda.synchronize(self.device)

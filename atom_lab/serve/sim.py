@@ -170,8 +170,10 @@ class CostModel:
         kv_heads = max(1, s.kv_heads // tp)
         kv_layer_token = kv_bytes_per_token(s, self.fmt) / s.layers * kv_heads / s.kv_heads
         w = self.fmt.weights
-        scale = (self.prefill_scale if self.prefill_scale is not None else ENGINE_PREFILL_SCALE[w]) if prefill else \
-            (self.gemm_scale if self.gemm_scale is not None else ENGINE_GEMM_SCALE[w])
+        if prefill:
+            scale = ENGINE_PREFILL_SCALE[w] if self.prefill_scale is None else self.prefill_scale
+        else:
+            scale = ENGINE_GEMM_SCALE[w] if self.gemm_scale is None else self.gemm_scale
         t = {"gemm": s.layers * self.layer_gemms(M) * scale}
         if prefill:
             flops = sum(2 * 2 * (s.heads // tp) * s.head_dim * n * (c - n / 2) for n, c in zip(new_tokens,
