@@ -1,0 +1,111 @@
+"""Where the engine's time goes: one prefill step and one decode step, per weight format, under torch.profiler.
+
+The simulator's bar analysis (bench_serving_sim) fits per-operator costs to end-to-end runs; this measures them.
+For each format: a Llama-2-7B-shaped random model, an engine with static decode run eagerly (no CUDA graphs, so
+every kernel of the step shows up in the trace; a graph replays the same kernels), `--seqs` requests of `--prompt`
+tokens. After one warm-up prefill and decode step (Triton compiles), it profiles the next prefill step (the
+scheduler packs max_tokens_per_step tokens into it) and, once every request is in, one decode step at that batch.
+Printed and written: wall time, the sum of GPU kernel time, the host time that is not hidden behind kernels
+(wall - GPU busy), and the kernels that take the most GPU time, grouped by name.
+
+    python -m benchmarks.serve_profile --json benchmarks/results/serve_profile_h200.json
+    python -m benchmarks.serve_profile --quick        # CPU smoke run (tiny model, interpreter)
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import benchmarks.bench_serving as bench
+from atom_lab.serve.request import SamplingParams
+import atom_lab
+from benchmarks.common import write_json
+
+
+def _kernel_table(prof, top: int) -> tuple[float, list[dict]]:
+    """(GPU kernel ms in all, the `top` kernels by GPU ms) from a finished torch.profiler run."""
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0.0)
+        if us > 0:
+            rows.append({"kernel": e.key[:90], "ms": us / 1e3, "calls": e.count})
+    rows.sort(key=lambda r: -r["ms"])
+    return sum(r["ms"] for r in rows), rows[:top]
+
+
+def _profiled_step(eng, cuda: bool, top: int, prefill: bool) -> dict:
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    bench._sync()
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        batch, _, _ = eng.step()
+        bench._sync()
+        wall = 1e3 * (time.perf_counter() - t0)
+    gpu_ms, kernels = _kernel_table(prof, top) if cuda else (None, [])
+    return {"batch": len(batch), "tokens": sum(len(s.prompt) for s in batch) if prefill else len(batch), "wall_ms": wall,
+            "gpu_kernel_ms": gpu_ms, "host_not_hidden_ms": None if gpu_ms is None else wall - gpu_ms,
+            "top_kernels": kernels}
+
+
+def profile_format(fmt: str, cfg: dict, seqs: int, prompt: int, cuda: bool, top: int) -> dict:
+    weights, kv = fmt.split("-kv")
+    model = bench.build_model(weights, cfg, cuda)
+    per_seq = -(-(prompt + 8) // bench.PAGE)
+    eng = bench.make_engine(model, int(kv), seqs + 1, num_pages=(seqs + 1) * per_seq + 4, graphs=False)
+    vocab = eng.runner.vocab
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    # warm-up: one request prefilled and decoded once (compiles the Triton kernels of both paths)
+    eng.add_request(torch.randint(0, vocab, (prompt,), generator=g).tolist(), params)
+    eng.step()
+    eng.step()
+    for _ in range(seqs):
+        eng.add_request(torch.randint(0, vocab, (prompt,), generator=g).tolist(), params)
+    out = {"format": fmt, "prefill": _profiled_step(eng, cuda, top, True)}
+    while any(s.num_cached == 0 for s in eng.scheduler.waiting):  # prefill the rest, unprofiled
+        eng.step()
+    eng.step()  # first decode step at this batch (a new batch size for the static buffers)
+    out["decode"] = _profiled_step(eng, cuda, top, False)
+    del eng, model
+    bench._free()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="tiny random model on the CPU (smoke run)")
+    ap.add_argument("--formats", default="w4a4-kv4,fp16-kv16,w8a8-kv8")
+    ap.add_argument("--seqs", type=int, default=64, help="requests (the decode batch)")
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--kv-rope", default="post", choices=["pre", "post"])
+    args = ap.parse_args(argv)
+    bench.KV_ROPE = args.kv_rope
+    cuda = torch.cuda.is_available() and not args.quick
+    cfg = bench.LLAMA2_7B if cuda else bench.TINY
+    seqs, prompt = (args.seqs, args.prompt) if cuda else (3, 24)
+    rows = []
+    for fmt in args.formats.split(","):
+        r = profile_format(fmt, cfg, seqs, prompt, cuda, args.top)
+        rows.append(r)
+        for phase in ("prefill", "decode"):
+            p = r[phase]
+            gpu = "-" if p["gpu_kernel_ms"] is None else f"{p['gpu_kernel_ms']:.1f}"
+            print(f"{fmt:10s} {phase:7s} batch {p['batch']:3d} tokens {p['tokens']:5d}: wall {p['wall_ms']:.1f} ms, "
+                  f"GPU kernels {gpu} ms")
+            for k in p["top_kernels"]:
+                print(f"    {k['ms']:8.2f} ms {k['calls']:5d}x  {k['kernel']}")
+    if args.json:
+        write_json(args.json, {"environment": atom_lab.environment(), "model": "llama-2-7b shapes, RANDOM weights" if cuda
+                               else "tiny random llama", "seqs": seqs, "prompt": prompt, "kv_rope": args.kv_rope,
+                               "command": "python -m benchmarks.serve_profile " + " ".join(argv or []),
+                               "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
