@@ -41,6 +41,14 @@ def _kv_outputs_unquantized(layers):
             m.out_bits = b
 
 
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """Causal self-attention of one whole prompt: q [T, Hq, D], k, v [T, Hkv, D] (one float dtype) -> [T, Hq, D]."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=sm_scale,
+        enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)
+
+
 def rope_at(inner, x: torch.Tensor, pos: torch.Tensor):
     """HF's apply_rotary_pos_emb for one flat batch of tokens: x [1, N, H] (for the dtype/device), pos int [N] ->
     a function t [N, heads, D] -> t rotated to those positions (the same cos/sin as the HF model computes)."""
@@ -195,18 +203,19 @@ class PagedDecoder:
                     for i in prefill:
                         a, b = offsets[i], offsets[i + 1]
                         if self.prefill == "fresh" and starts[i] == 0:
-                            # a whole prompt (or a recompute after preemption): every key is fresh, so reading the
-                            # cache back would only be overwritten below (the engine's prefill; same values)
-                            kk, vv = k_rot[a:b].float(), v[a:b].float()
-                        else:
-                            t = tables[i]
-                            pages = torch.tensor(t.pages, dtype=torch.int64, device=dev)
-                            kk = gather_kv_ref(kc, ksz, fmt.bits, pages, new_len[i], pool.page_size)
-                            vv = gather_kv_ref(vc, vsz, fmt.bits, pages, new_len[i], pool.page_size)
-                            if rope is not None:
-                                kk = rope_ref(kk, torch.arange(new_len[i], device=dev), rope[0], rope[1])
-                            if self.prefill == "fresh":
-                                kk[starts[i]:], vv[starts[i]:] = k_rot[a:b].float(), v[a:b].float()
+                            # a whole prompt (or a recompute after preemption): every key is fresh, so nothing is
+                            # read back from the cache, and it attends in the model's dtype with SDPA's causal flag
+                            # (a mask would rule out its flash / cuDNN kernels: float32 with a mask took as long as
+                            # all the prefill GEMMs of Llama-2-7B on the H200, benchmarks/serve_profile.py)
+                            out[a:b] = _causal_sdpa(q[a:b], k_rot[a:b], v[a:b], self.sm_scale)
+                            continue
+                        pages = torch.tensor(tables[i].pages, dtype=torch.int64, device=dev)
+                        kk = gather_kv_ref(kc, ksz, fmt.bits, pages, new_len[i], pool.page_size)
+                        vv = gather_kv_ref(vc, vsz, fmt.bits, pages, new_len[i], pool.page_size)
+                        if rope is not None:
+                            kk = rope_ref(kk, torch.arange(new_len[i], device=dev), rope[0], rope[1])
+                        if self.prefill == "fresh":
+                            kk[starts[i]:], vv[starts[i]:] = k_rot[a:b].float(), v[a:b].float()
                         out[a:b] = prefill_attention(q[a:b].float(), kk, vv, self.sm_scale)
                 x = residual + attn.o_proj(out.to(x.dtype).view(1, N, self.Hq * D))
                 residual = x
