@@ -55,12 +55,15 @@ def profile_format(fmt: str, cfg: dict, seqs: int, prompt: int, cuda: bool, top:
     weights, kv = fmt.split("-kv")
     model = bench.build_model(weights, cfg, cuda)
     per_seq = -(-(prompt + 8) // bench.PAGE)
-    eng = bench.make_engine(model, int(kv), seqs + 1, num_pages=(seqs + 1) * per_seq + 4, graphs=False)
+    warm = max(1, bench.STEP_TOKENS // prompt) if cuda else 1  # one full prefill step
+    eng = bench.make_engine(model, int(kv), seqs + warm, num_pages=(seqs + warm) * per_seq + 4, graphs=False)
     vocab = eng.runner.vocab
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    # warm-up: one request prefilled and decoded once (compiles the Triton kernels of both paths)
-    eng.add_request(torch.randint(0, vocab, (prompt,), generator=g).tolist(), params)
+    # warm-up: a prefill step of the profiled one's size, then a decode step: Triton compiles and autotunes per
+    # shape (the quantizer per power-of-two M), which must not land in the profile
+    for _ in range(warm):
+        eng.add_request(torch.randint(0, vocab, (prompt,), generator=g).tolist(), params)
     eng.step()
     eng.step()
     for _ in range(seqs):

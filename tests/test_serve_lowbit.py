@@ -33,11 +33,16 @@ def test_fp8_library_equals_reference(device):
         pytest.skip(f"no rowwise FP8 GEMM in this torch build: {e}")
     y_ref = ref(x)
     assert y.shape == (7, 3, 96)
-    # Both sum the same exact FP8 products (at most 4 + 4 significant bits each) in fp32: they differ only by the
-    # order of the fp32 accumulation, bounded by K u sum|terms| (Higham) with u = 2^-24.
+    # Both sum the same exact FP8 products (at most 4 + 4 significant bits each): they differ by the accumulation,
+    # bounded by K u sum|terms| (Higham), with u = 2^-24 in fp32 (CPU) and u = 2^-14 on a GPU, whose FP8 tensor
+    # cores keep ~14 significant bits in their accumulator between cuBLAS's fp32 promotions (DeepSeek-V3 report,
+    # section 3.3.2); plus, where the library gave its output in bf16 (rowwise scales refuse fp32 / fp16 out on
+    # the GPU), that rounding: 2^-8 of |y| (and the bias added after it).
     x8, sx = quantize_fp8_rows(x.reshape(-1, 256))
     bound = ((x8.float().abs() * sx) @ (real.weight_fp8.float().abs() * real.weight_scale.T).T).reshape(7, 3, 96)
-    assert ((y - y_ref).abs() <= 256 * 2 ** -24 * bound + 1e-6).all()
+    u = 2 ** -14 if device == "cuda" else 2 ** -24
+    rounded = 2 ** -8 * (y_ref - lin.bias.detach()).abs() if real._out_dtype == torch.bfloat16 else 0.0
+    assert ((y - y_ref).abs() <= 256 * u * bound + rounded + 1e-6).all()
     # and the codes are the per-row e4m3 rounding: within 2^-3 relative of the float layer's weights (e4m3 has 3
     # mantissa bits) and the row's largest weight maps to 448
     w = lin.weight.detach().float()
