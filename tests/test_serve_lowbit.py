@@ -6,7 +6,8 @@ import atom_lab  # noqa: F401
 import pytest
 import torch
 
-from atom_lab.serve.lowbit import FP8_MAX, FP8Linear, FP8Unsupported, Int4Linear, convert_model, int4_levels, quantize_fp8_rows
+from atom_lab.serve.lowbit import (FP8_MAX, FP8Linear, FP8Unsupported, Int4Linear, convert_model, int4_levels,
+                                   quantize_fp8_rows, quantize_fp8_rows_ref)
 from atom_lab.serve.memory import Format, linear_weight_bytes
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -127,3 +128,21 @@ def test_stored_fp8_weights_pass_through_to_the_gemm():
         from atom_lab.serve.model_runner import ModelRunner
         ModelRunner(atom_lab.tiny_model("llama", seed=0, device="cpu")[0], KVFormat(bits=16, dtype=torch.float32),
                     num_pages=4, fp8_weights=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the FP8 rows kernel runs on a GPU only (kernels/fp8_rows.py: "
+                    "the interpreter rounds e4m3 subnormals to zero; the CPU uses the reference)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fp8_rows_kernel_equals_reference(dtype):
+    from atom_lab.kernels.fp8_rows import quantize_fp8_rows as kernel
+
+    torch.manual_seed(0)
+    # magnitudes over 6 decades, so every row has codes in e4m3's subnormal range; K not a multiple of the block;
+    # rows with a stride (a column slice); an all-zero row (scale clamped to 1e-12 / 448)
+    x = (torch.randn(37, 3001, device="cuda") * torch.logspace(-3, 3, 3001, device="cuda")).to(dtype)
+    x[5] = 0
+    for a in (x, x[:, 1:2900]):
+        q, s = kernel(a)
+        q_ref, s_ref = quantize_fp8_rows_ref(a)
+        assert torch.equal(s, s_ref)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

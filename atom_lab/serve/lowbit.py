@@ -5,7 +5,8 @@ both for real, through kernels that ship with PyTorch, and each has a float refe
 scales, dequantized, through F.linear) that the tests compare it with:
 
     FP8Linear      W8A8: weight FP8 e4m3 [N, K] with one fp32 scale per output channel, activation quantized per
-                   token at run time (scale = amax / 448), y = torch._scaled_mm(x8, w8.T, s_x [M, 1], s_w [1, N])
+                   token at run time (scale = amax / 448, one fused launch: kernels/fp8_rows.py),
+                   y = torch._scaled_mm(x8, w8.T, s_x [M, 1], s_w [1, N])
                    (cuBLASLt rowwise-scaled FP8 GEMM; GPUs with FP8 tensor cores: Hopper, Ada).
     Int4Linear     W4A16: weight INT4, asymmetric, groups of 128 input channels, in the layout of
                    torch._weight_int4pack_mm (gpt-fast's "tinygemm": w = (q - 8) * scale + zero, bf16 scales and
@@ -20,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+# the per-token activation quantizer: one Triton launch on a GPU (the reference, bit-identical, on the CPU)
+from atom_lab.kernels.fp8_rows import FP8, FP8_MAX, quantize_fp8_rows, quantize_fp8_rows_ref  # noqa: F401
 
 
 class FP8Unsupported(RuntimeError):
@@ -31,12 +32,6 @@ class FP8Unsupported(RuntimeError):
 def _check_linear(linear, what: str) -> None:
     if not isinstance(linear, torch.nn.Linear):
         raise TypeError(f"{what} replaces a torch.nn.Linear, got {type(linear).__name__}.")
-
-
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x float [M, K] -> (FP8 e4m3 [M, K], fp32 scale [M, 1]) with x ~ codes * scale (one scale per row)."""
-    s = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
 
 
 class FP8Linear(torch.nn.Module):
