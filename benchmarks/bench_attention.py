@@ -42,7 +42,19 @@ BATCHES = [1, 8, 32, 128, 256]
 CONTEXTS = [1024, 4096, 16384, 32768]
 MAX_TOKENS = 2 ** 21  # batch x context cap: the bf16 MHA cache is then 32 GiB
 BAR = 3.0  # issue 11: x the bf16 SDPA baseline at context >= 4096 and batch >= 8
-KERNEL_CONFIGS = [(64, 4), (128, 8)]  # (block_n, num_warps) tried for our kernel; the faster is reported
+KERNEL_CONFIGS = [(64, 4), (128, 8)]  # (block_n, num_warps) of the tensor-core kernel (v5's two)
+# Our kernel's variants, timed in the same run; label -> paged_decode_attention keywords. "v5": the tensor-core
+# kernel with the plain-Triton unpack (the library's kernel before v7); "dot_asm": the same with the inline-PTX
+# unpack; "core": the CUDA-core kernel (one query head per KV head only), block_n tokens per program of num_warps
+# warps, num_stages of Triton's pipeliner, `programs` the split target.
+V5 = {f"v5 n{n} w{w}": dict(variant="dot", unpack_asm=False, block_n=n, num_warps=w) for n, w in KERNEL_CONFIGS}
+DOT_ASM = {f"dot_asm n{n} w{w} p{p}": dict(variant="dot", unpack_asm=True, block_n=n, num_warps=w, programs=p)
+           for n, w, p in [(64, 4, 528), (64, 4, 1056), (32, 4, 1056)]}
+CORE = {f"core n{n} w{w} s{s} p{p}{'' if a else ' twin'}": dict(variant="core", unpack_asm=a, block_n=n, num_warps=w,
+                                                             num_stages=s, programs=p)
+        for n, w, s, p, a in [(16, 1, 1, 2112, True), (16, 1, 3, 2112, True), (16, 1, 3, 4224, True),
+                              (8, 1, 3, 4224, True), (64, 4, 3, 528, True)]}
+CORE_PRE = {k: v for k, v in CORE.items() if k.split()[1] in ("n16", "n8") and " s3 " in k}
 KIVI_TG, KIVI_WINDOW = 32, 128
 
 
@@ -93,22 +105,31 @@ def check_first(q, cache, bits, ctx, rope, window=None, **kw):
     return float((out[:1].float() - ref).abs().max())
 
 
-def bench_ours(q, cache, bits, ctx, rope, log, window=None):
+def bench_ours(q, cache, bits, ctx, rope, log, window=None, configs=None, errs=None):
+    """Times every config (label -> keywords); returns {label: ms}. errs: {family: max err} of each family's
+    first config against the reference (a variant is only reported if it computes the right thing)."""
     kc, ksz, vc, vsz, pt, lengths = cache
-    best = None
     kivi = dict(key_tokens=KIVI_TG, window=window) if window is not None else {}
-    for block_n, warps in KERNEL_CONFIGS:
-        def fn(block_n=block_n, warps=warps):
-            return paged_decode_attention(q, kc, ksz, vc, vsz, pt, lengths, bits, PAGE, D ** -0.5, rope,
-                                          max_length=ctx, block_n=block_n, num_warps=warps, **kivi)
+    times = {}
+    for label, kw in (configs or V5).items():
+        family = label.split()[0]
         try:
-            ms = bench_ms(fn, graph=True)
-        except Exception as e:  # a config that does not compile or run: recorded, the other one stands
-            log(f"    block_n={block_n} warps={warps}: {type(e).__name__}: {str(e)[:160]}")
-            continue
-        if best is None or ms < best[0]:
-            best = (ms, block_n, warps)
-    return best
+            if errs is not None and family not in errs:
+                errs[family] = check_first(q, cache, bits, ctx, rope, window, **kw)
+
+            def fn(kw=kw):
+                return paged_decode_attention(q, kc, ksz, vc, vsz, pt, lengths, bits, PAGE, D ** -0.5, rope,
+                                              max_length=ctx, **kivi, **kw)
+            times[label] = bench_ms(fn, graph=True)
+        except Exception as e:  # a config that does not compile or run: recorded, the others stand
+            log(f"    {label}: {type(e).__name__}: {str(e)[:160]}")
+    return times
+
+
+def best_of(times, prefix=None):
+    """(ms, label) of the fastest config (whose label starts with prefix), or (None, None)."""
+    t = {k: v for k, v in times.items() if prefix is None or k.startswith(prefix)}
+    return (min(t.values()), min(t, key=t.get)) if t else (None, None)
 
 
 def bench_sdpa(B, ctx, Hq, Hkv, gen):
@@ -141,9 +162,11 @@ def smoke() -> int:
         q = torch.randn(B, Hq, D, device=DEV, dtype=torch.bfloat16, generator=gen)
         for label, bits, rope in (("bf16", 16, None), ("int4 post", 4, None),
                                   ("int4 pre", 4, (inv_freq, 1.0, rope_table(inv_freq, 1.0, ctx)))):
-            err = check_first(q, paged_cache(B, ctx, Hkv, bits, gen), bits, ctx, rope)
-            worst = max(worst, err)
-            print(f"{cname:14s} {label:10s} max|ours - ref| {err:.2e}")
+            cache = paged_cache(B, ctx, Hkv, bits, gen)
+            for variant in (("dot", "core") if bits == 4 and Hq == Hkv else ("dot",)):
+                err = check_first(q, cache, bits, ctx, rope, variant=variant)
+                worst = max(worst, err)
+                print(f"{cname:14s} {label:10s} {variant:5s} max|ours - ref| {err:.2e}")
         ck, win = kivi_cache(B, ctx, Hkv, gen)
         err = check_first(q, ck, 4, ctx, None, window=win)
         worst = max(worst, err)
@@ -193,21 +216,30 @@ def main(argv=None) -> int:
                            sdpa_ms=sd, sdpa_best=be, sdpa_best_ms=sd[be])
                 c16 = paged_cache(B, ctx, Hkv, 16, gen)
                 row["err_bf16"] = check_first(q, c16, 16, ctx, None)
-                r = bench_ours(q, c16, 16, ctx, None, print)
-                row["ours_bf16_ms"], row["ours_bf16_cfg"] = (r[0], r[1:]) if r else (None, None)
+                times = bench_ours(q, c16, 16, ctx, None, print)
+                row["ours_bf16_ms"], row["ours_bf16_cfg"] = best_of(times)
                 del c16
                 c4 = paged_cache(B, ctx, Hkv, 4, gen)
+                row["cfg_ms"], row["err_family"] = {}, {}
                 for mode, rope in (("post", None), ("pre", (inv_freq, 1.0, table))):
-                    row[f"err_int4_{mode}"] = check_first(q, c4, 4, ctx, rope)
-                    r = bench_ours(q, c4, 4, ctx, rope, print)
-                    row[f"ours_int4_{mode}_ms"], row[f"ours_int4_{mode}_cfg"] = (r[0], r[1:]) if r else (None, None)
+                    cfgs = {**V5, **DOT_ASM, **((CORE if mode == "post" else CORE_PRE) if Hq == Hkv else {})}
+                    errs = {}
+                    times = bench_ours(q, c4, 4, ctx, rope, print, configs=cfgs, errs=errs)
+                    row["cfg_ms"][f"int4_{mode}"], row["err_family"][f"int4_{mode}"] = times, errs
+                    row[f"err_int4_{mode}"] = max(errs.values()) if errs else None
+                    row[f"ours_int4_{mode}_ms"], row[f"ours_int4_{mode}_cfg"] = best_of(times)
+                    row[f"v5_int4_{mode}_ms"] = best_of(times, "v5")[0]
+                    row[f"speedup_v5_int4_{mode}"] = sd[be] / row[f"v5_int4_{mode}_ms"] if times else None
                 del c4
                 if args.kivi:
                     ck, win = kivi_cache(B, ctx, Hkv, gen)
-                    row["err_kivi"] = check_first(q, ck, 4, ctx, None, window=win)
-                    r = bench_ours(q, ck, 4, ctx, None, print, window=win)
-                    row["ours_kivi_ms"], row["ours_kivi_cfg"] = (r[0], r[1:]) if r else (None, None)
-                    row["speedup_kivi"] = sd[be] / r[0] if r else None
+                    errs = {}
+                    times = bench_ours(q, ck, 4, ctx, None, print, window=win, configs={**V5, **DOT_ASM}, errs=errs)
+                    row["cfg_ms"]["kivi"], row["err_family"]["kivi"] = times, errs
+                    row["err_kivi"] = max(errs.values()) if errs else None
+                    row["ours_kivi_ms"], row["ours_kivi_cfg"] = best_of(times)
+                    row["speedup_kivi"] = sd[be] / row["ours_kivi_ms"] if times else None
+                    row["speedup_v5_kivi"] = sd[be] / best_of(times, "v5")[0] if times else None
                     del ck, win
                 kv_bytes_bf16 = 2 * B * ctx * Hkv * D * 2
                 kv_bytes_int4 = 2 * B * ctx * Hkv * (D // 2 + 4)
@@ -219,7 +251,7 @@ def main(argv=None) -> int:
                 row["int4_post_tbs"] = kv_bytes_int4 / post_ms / 1e9 if post_ms else None
                 row["sdpa_tbs"] = kv_bytes_bf16 / sd[be] / 1e9
                 rows.append(row)
-                err = max(v for k, v in row.items() if k.startswith("err_"))
+                err = max(v for k, v in row.items() if k.startswith("err_") and isinstance(v, float))
 
                 def us(x):
                     return f"{x * 1e3:8.1f}" if x else "     n/a"
@@ -237,10 +269,22 @@ def main(argv=None) -> int:
         vals = [r[key] for r in barred if r.get(key)]
         return (min(vals), max(vals)) if vals else (None, None)
     summary = {"bar": BAR, "cases_in_bar_region": len(barred), "seconds": round(time.time() - t_start, 1),
-               "max_err_vs_ref": max((v for r in rows for k, v in r.items() if k.startswith("err_")), default=None)}
+               "max_err_vs_ref": max((v for r in rows for k, v in r.items() if k.startswith("err_")
+                                      and isinstance(v, float)), default=None)}
     for k in ("post", "pre", "kivi"):
         key = "speedup_kivi" if k == "kivi" else f"speedup_int4_{k}"
         summary[f"min_speedup_{k}"], summary[f"max_speedup_{k}"] = span(key)
+        key = "speedup_v5_kivi" if k == "kivi" else f"speedup_v5_int4_{k}"
+        summary[f"min_speedup_v5_{k}"], summary[f"max_speedup_v5_{k}"] = span(key)
+    for cname in CONFIGS:  # per model shape and format: the spans and which config won how often
+        sub = [r for r in barred if r["config"] == cname]
+        for k in ("post", "pre", "kivi"):
+            key = "speedup_kivi" if k == "kivi" else f"speedup_int4_{k}"
+            vals = [r[key] for r in sub if r.get(key)]
+            cfgk = "ours_kivi_cfg" if k == "kivi" else f"ours_int4_{k}_cfg"
+            if vals:
+                summary[f"{cname} {k}"] = dict(min=min(vals), max=max(vals),
+                                               winners=sorted({r[cfgk] for r in sub if r.get(cfgk)}))
     print(json.dumps(summary))
     if args.json:
         write_json(args.json, rows, summary)

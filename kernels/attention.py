@@ -7,6 +7,10 @@ Decode (one query token per sequence), flash-decoding in two stages:
            and its log-sum-exp LSE = max + log(sum). All query heads of the KV head (GQA: 3 for SmolLM2, 4 for
            Mistral) share the program, so each K/V byte is read once.
   stage 2, one program per (sequence, query head): merge the splits: out = sum_s exp(lse_s - LSE) out_s.
+Two stage-1 kernels: _decode_split_kernel (tensor cores, tl.dot: every format, GQA) and _decode_core_kernel (CUDA
+cores, float32: INT4 with one (scale, zero) per token-head and ONE query head per KV head, where tl.dot would pad
+that one row to 16 and convert each tile through shared memory). On the H200 (benchmarks/NOTES.md, KV section) the
+CUDA-core kernel ran MHA INT4 1.5-1.9x faster than the tensor-core one; the wrapper picks it when it applies.
 Prefill: the library's SDPA (torch.nn.functional.scaled_dot_product_attention, causal) over the sequence's K/V as
 read back from the cache (what the float simulation of the same KV format computes), or over the fresh float K/V
 of the chunk (Atom's choice); see atom_lab.kv_cache.
@@ -136,14 +140,49 @@ def _codes_f16(b, SHIFT: tl.constexpr, MASK: tl.constexpr):
 
 
 @triton.jit
-def _load_codes(codes_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, mask):
+def _nibbles_f16(b, ASM: tl.constexpr):
+    """uint8 bytes -> (low nibbles, high nibbles) as float16, exactly. ASM (GPU only: inline PTX cannot run in the
+    interpreter): 4 bytes per 32-bit register at a time, 10 instructions for 8 codes instead of ~5 per code: a byte
+    permute spreads bytes (0, 1) and (2, 3) into the two 16-bit halves of a register; one lop3 then makes
+    0x6400 | (b & 0xF) = 1024 + lo per half (minus 1024: one packed subtraction), another 0x6400 | (b & 0xF0) =
+    1024 + 16 hi, and one packed fma (x / 16 - 64) gives hi, all exact. Without ASM: _codes_f16, the same values
+    (tests/test_attention.py pins the two together on the GPU)."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 t0, t1, m1024, s16, m64;
+            mov.b32 m1024, 0x64006400;
+            mov.b32 s16, 0x2C002C00;
+            mov.b32 m64, 0xD400D400;
+            prmt.b32 t0, $4, 0, 0x4140;
+            prmt.b32 t1, $4, 0, 0x4342;
+            lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
+            lop3.b32 $2, t0, 0x00F000F0, 0x64006400, 0xEA;
+            lop3.b32 $3, t1, 0x00F000F0, 0x64006400, 0xEA;
+            sub.f16x2 $0, $0, m1024;
+            sub.f16x2 $1, $1, m1024;
+            fma.rn.f16x2 $2, $2, s16, m64;
+            fma.rn.f16x2 $3, $3, s16, m64;
+            }
+            """,
+            constraints="=r,=r,=r,=r,r", args=[b], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        return lo, hi
+    else:
+        return _codes_f16(b, 0, 0xF), _codes_f16(b, 4, 0xF)
+
+
+@triton.jit
+def _load_codes(codes_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, mask,
+                ASM: tl.constexpr = False):
     """Rows `slot` [N] of head h -> codes of channels [0, D/2) and [D/2, D) as float16 [N, D/2] each (exact)."""
     d = tl.arange(0, HALF)[None, :]
     row = slot[:, None] * Hkv + h
     m = mask[:, None]
     if BITS == 4:
         b = tl.load(codes_ptr + row * HALF + d, mask=m, other=0)
-        return _codes_f16(b, 0, 0xF), _codes_f16(b, 4, 0xF)
+        return _nibbles_f16(b, ASM)
     else:
         clo = _codes_f16(tl.load(codes_ptr + row * D + d, mask=m, other=0), 0, 0xFF)
         chi = _codes_f16(tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0), 0, 0xFF)
@@ -199,7 +238,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
                          D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PAGE: tl.constexpr,
                          QPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
                          NSPLIT: tl.constexpr, KEY_TG: tl.constexpr, RING: tl.constexpr, HAS_START: tl.constexpr,
-                         K_MODE: tl.constexpr, V_MODE: tl.constexpr):
+                         K_MODE: tl.constexpr, V_MODE: tl.constexpr, ASM: tl.constexpr):
     # Program (b, h, sp): query heads h*QPK .. h*QPK+QPK-1 of sequence b over tokens [t0, t0 + TPS) of its range
     # [start_b, n_b); writes split split0 + sp of the (o, lse) buffers. RING: slot = pt[b, 0] * PAGE + t % PAGE
     # (a float window, PAGE = its capacity) instead of a page-table lookup.
@@ -247,7 +286,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
             page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)  # page table, per token
             slot = page.to(tl.int64) * PAGE + t % PAGE
         if K_MODE == 1:
-            c_lo, c_hi = _load_codes(kc_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
+            c_lo, c_hi = _load_codes(kc_ptr, slot, h, Hkv, HALF, D, BITS, tmask, ASM)
             ks = tl.load(ksz_ptr + slot * (Hkv * 2) + h * 2, mask=tmask, other=0.0).to(tl.float32)
             kz = tl.load(ksz_ptr + slot * (Hkv * 2) + h * 2 + 1, mask=tmask, other=0.0)
             if ROPE:  # rotate the exact integers c - z, round once to float16, the scale after the dot
@@ -267,7 +306,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
             z_lo = tl.load(gbase + d * 2 + 1)
             s_hi = tl.load(gbase + (d + HALF) * 2)
             z_hi = tl.load(gbase + (d + HALF) * 2 + 1)
-            c_lo, c_hi = _load_codes(kc_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
+            c_lo, c_hi = _load_codes(kc_ptr, slot, h, Hkv, HALF, D, BITS, tmask, ASM)
             if K_MODE == 2:
                 qs_lo = (q32_lo * s_lo.to(tl.float32)[None, :]).to(tl.float16)
                 qs_hi = (q32_hi * s_hi.to(tl.float32)[None, :]).to(tl.float16)
@@ -291,7 +330,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if V_MODE == 1:
-            v_lo, v_hi = _load_codes(vc_ptr, slot, h, Hkv, HALF, D, BITS, tmask)
+            v_lo, v_hi = _load_codes(vc_ptr, slot, h, Hkv, HALF, D, BITS, tmask, ASM)
             vs = tl.load(vsz_ptr + slot * (Hkv * 2) + h * 2, mask=tmask, other=0.0).to(tl.float32)
             vz = tl.load(vsz_ptr + slot * (Hkv * 2) + h * 2 + 1, mask=tmask, other=0.0).to(tl.float32)
             ps16 = (p * vs[None, :]).to(tl.float16)
@@ -315,6 +354,85 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
 
 
 @triton.jit
+def _decode_core_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_ptr, tab_ptr, o_ptr, lse_ptr, Hq, Hkv,
+                        max_pages, tokens_per_split, sm_scale, D: tl.constexpr, PAGE: tl.constexpr,
+                        BLOCK_N: tl.constexpr, ROPE: tl.constexpr, NSPLIT: tl.constexpr, ASM: tl.constexpr,
+                        STAGES: tl.constexpr):
+    # INT4 with one (scale, zero) per token per head, ONE query head per KV head (MHA: Llama-2-7B), on the CUDA
+    # cores: the tensor-core kernel above pads that one query row to 16 and converts every K/V tile through shared
+    # memory into operand layouts, which made it as slow per tile as the 3.76x larger bf16 tile. Here a thread
+    # keeps the bytes it loaded: byte j of a token row holds channels j (low nibble) and j + D/2 (high nibble), so
+    #   scores  s_t * (q . c_t - z_t * sum(q))            (post-RoPE: products + a sum over the row's 4 threads)
+    #           s_t * sum_j (c - z)_j qa_tj + (c - z)_{j+D/2} qb_tj, qa = q_lo cos + q_hi sin, qb = q_hi cos -
+    #           q_lo sin (pre-RoPE: R_t^T applied to q instead of R_t to K, all in float32: the same function)
+    #   output  sum_t p_t s_t c_t - sum_t p_t s_t z_t, accumulated per (row slot, channel) in a [BLOCK_N, D] float32
+    #           tile and summed over its rows once at the end (no cross-thread reduction per tile).
+    # Everything after the exact integer codes is float32 (more accurate than the float16 operands of tl.dot).
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    HALF: tl.constexpr = D // 2
+    n = tl.load(len_ptr + b)
+    t0 = sp * tokens_per_split
+    t_end = tl.minimum(t0 + tokens_per_split, n)
+    d = tl.arange(0, HALF)
+    qrow = q_ptr + (b * Hq + h) * D
+    q_lo = tl.load(qrow + d).to(tl.float32) * sm_scale
+    q_hi = tl.load(qrow + HALF + d).to(tl.float32) * sm_scale
+    q_sum = tl.sum(q_lo, axis=0) + tl.sum(q_hi, axis=0)
+    m_i = tl.max(tl.full([BLOCK_N], -float("inf"), tl.float32), axis=0)
+    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
+    pz = l_i
+    acc_lo = tl.zeros([BLOCK_N, HALF], tl.float32)
+    acc_hi = tl.zeros([BLOCK_N, HALF], tl.float32)
+    for start in tl.range(t0, t_end, BLOCK_N, num_stages=STAGES):  # STAGES > 1: loads staged through shared memory
+        t = start + tl.arange(0, BLOCK_N)
+        tmask = t < t_end
+        page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)
+        row = (page.to(tl.int64) * PAGE + t % PAGE) * Hkv + h
+        kb = tl.load(kc_ptr + row[:, None] * HALF + d[None, :], mask=tmask[:, None], other=0)
+        ks = tl.load(ksz_ptr + row * 2, mask=tmask, other=0.0).to(tl.float32)
+        kz = tl.load(ksz_ptr + row * 2 + 1, mask=tmask, other=0.0).to(tl.float32)
+        vb = tl.load(vc_ptr + row[:, None] * HALF + d[None, :], mask=tmask[:, None], other=0)
+        vs = tl.load(vsz_ptr + row * 2, mask=tmask, other=0.0).to(tl.float32)
+        vz = tl.load(vsz_ptr + row * 2 + 1, mask=tmask, other=0.0).to(tl.float32)
+        c_lo, c_hi = _nibbles_f16(kb, ASM)
+        if ROPE:
+            trow = tab_ptr + t[:, None] * D + d[None, :]
+            cs = tl.load(trow, mask=tmask[:, None], other=0.0)
+            sn = tl.load(trow + HALF, mask=tmask[:, None], other=0.0)
+            qa = q_lo[None, :] * cs + q_hi[None, :] * sn
+            qb = q_hi[None, :] * cs - q_lo[None, :] * sn
+            sc = ks * tl.sum((c_lo.to(tl.float32) - kz[:, None]) * qa + (c_hi.to(tl.float32) - kz[:, None]) * qb,
+                             axis=1)
+        else:
+            sc = ks * (tl.sum(c_lo.to(tl.float32) * q_lo[None, :] + c_hi.to(tl.float32) * q_hi[None, :], axis=1)
+                       - kz * q_sum)
+        sc = tl.where(tmask, sc, -float("inf"))
+        m_tile = tl.max(sc, axis=0)
+        if m_tile > m_i:  # rescale the [BLOCK_N, D] accumulator only when the running max grows (one branch for
+            alpha = tl.exp(m_i - m_tile)  # the whole program: one query head), not on every tile
+            acc_lo = acc_lo * alpha
+            acc_hi = acc_hi * alpha
+            l_i = l_i * alpha
+            pz = pz * alpha
+            m_i = m_tile
+        p = tl.exp(sc - m_i)
+        l_i = l_i + tl.sum(p, axis=0)
+        ps = p * vs
+        pz = pz + tl.sum(ps * vz, axis=0)
+        v_lo, v_hi = _nibbles_f16(vb, ASM)
+        acc_lo = acc_lo + ps[:, None] * v_lo.to(tl.float32)
+        acc_hi = acc_hi + ps[:, None] * v_hi.to(tl.float32)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    orow = o_ptr + ((b * Hq + h) * NSPLIT + sp) * D
+    tl.store(orow + d, (tl.sum(acc_lo, axis=0) - pz) / l_safe)
+    tl.store(orow + HALF + d, (tl.sum(acc_hi, axis=0) - pz) / l_safe)
+    lse = tl.where(t0 < n, m_i + tl.log(l_safe), -float("inf"))
+    tl.store(lse_ptr + (b * Hq + h) * NSPLIT + sp, lse)
+
+
+@triton.jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, D: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr):
     # One program per (sequence, query head): out = sum_s exp(lse_s - LSE) o_s over the splits that saw tokens.
     row = tl.program_id(0)
@@ -335,21 +453,39 @@ def merge_splits_ref(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return (o * w[..., None]).sum(dim=1)
 
 
+# The CUDA-core kernel's launch on a GPU when a call names none (benchmarks/NOTES.md, KV section: the fastest
+# measured on the H200): tokens per program step, warps per program, pipeline stages, programs the splits aim at.
+CORE_CONFIG = dict(block_n=16, num_warps=1, num_stages=3, programs=4224)
+
+
+def default_variant(core_ok: bool) -> str:
+    """The decode kernel a call gets when it names none (see benchmarks/NOTES.md, KV section)."""
+    return "core" if core_ok else "dot"
+
+
 def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, bits: int, page_size: int,
                            sm_scale: float, rope: tuple | None = None, num_splits: int | None = None,
                            max_length: int | None = None, block_n: int | None = None,
-                           num_warps: int = 4, key_tokens: int | None = None,
-                           window: tuple | None = None) -> torch.Tensor:
+                           num_warps: int | None = None, key_tokens: int | None = None,
+                           window: tuple | None = None, variant: str | None = None,
+                           unpack_asm: bool | None = None, num_stages: int | None = None,
+                           programs: int | None = None) -> torch.Tensor:
     """Triton split-KV decode attention; same arguments and result as paged_decode_attention_ref (float32 out).
 
     rope: (inv_freq, scaling) or (inv_freq, scaling, table): table = rope_table(inv_freq, scaling, n), n >=
         max_length, built once by the caller (else built here on every call).
     num_splits: KV splits per sequence (default: enough programs to fill the GPU; 1-2 on the CPU interpreter).
     max_length: an upper bound of `lengths` (default: the page table's capacity); no device read-back, so the
-        call can be captured in a CUDA graph. block_n: tokens per loop step (default 64, 32 at head_dim 256; 128
-        when interpreting; KIVI keys: at most key_tokens when that is >= 16, so a tile holds one key group).
+        call can be captured in a CUDA graph. block_n: tokens per loop step (tensor-core kernel: default 64, 32 at
+        head_dim 256, 128 when interpreting; KIVI keys: at most key_tokens when that is >= 16, so a tile holds one
+        key group; CUDA-core kernel: CORE_CONFIG). num_warps: per program (default 4, CORE_CONFIG's for "core").
     key_tokens, window: KIVI keys and the float window (see paged_decode_attention_ref): the codes [0, n_q) and
         the ring [n_q, n) are two launches of the same kernel writing disjoint splits of one LSE merge.
+    variant: "dot" (tensor cores, every format) or "core" (CUDA cores: INT4 with one pair per token-head and one
+        query head per KV head, no KIVI keys or window); default: default_variant (the faster one on the H200).
+    unpack_asm: INT4 codes -> float16 through inline PTX (default on a GPU; the interpreter cannot run it).
+    num_stages: software-pipelining depth of the token loop (Triton's pipeliner; default 3, Triton's own).
+    programs: how many programs the splits aim at (default 1056, ~8 per SM of the H200; CORE_CONFIG's for "core").
     """
     check_tensor(q, "q", (torch.float32, torch.float16, torch.bfloat16), dim=3)
     check_tensor(page_table, "page_table", torch.int32, dim=2)
@@ -388,6 +524,19 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     G = D if bits >= 16 else D // v_sz.shape[2]
     max_pages = page_table.shape[1]
     max_length = max_pages * page_size if max_length is None else max_length
+    qpk = Hq // Hkv
+    core_ok = bits == 4 and G == D and not key_tokens and window is None and qpk == 1
+    variant = variant or default_variant(core_ok)
+    if variant not in ("dot", "core") or (variant == "core" and not core_ok):
+        raise ValueError(f"variant={variant!r}: use 'dot', or 'core' for an INT4 cache with one (scale, zero) per "
+                         f"token-head, no KIVI keys or window, and one query head per KV head (here bits={bits}, "
+                         f"group={G}, key_tokens={key_tokens}, {qpk} query heads per KV head).")
+    if variant == "core" and not interpreting():
+        block_n = block_n or max(2, CORE_CONFIG["block_n"] * 128 // D)  # the same bytes per thread at any head_dim
+        num_warps = num_warps or CORE_CONFIG["num_warps"]
+        num_stages = num_stages or CORE_CONFIG["num_stages"]
+        programs = programs or CORE_CONFIG["programs"]
+    num_warps, num_stages, programs = num_warps or 4, num_stages or 3, programs or 1056
     # tokens per loop step: few, large steps for the interpreter; on a GPU 64, or 32 at head_dim 256, where the
     # dequantized [64, 128] halves of K and V and KIVI's per-channel pairs overflow the shared memory (H200: 272 KB)
     block_n = block_n or (128 if interpreting() else 32 if D >= 256 else 64)
@@ -407,12 +556,14 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     k_mode = 0 if bits >= 16 else 1 if (not key_tokens and G == D) else \
         (3 if rope is not None else 2) if key_tokens and key_tokens % block_n == 0 else 0
     v_mode = 1 if bits < 16 and G == D else 0
+    asm = (not interpreting()) if unpack_asm is None else bool(unpack_asm)
+    if asm and interpreting():
+        raise ValueError("unpack_asm=True needs a GPU: the Triton interpreter cannot run inline PTX.")
     blocks = max(1, -(-max_length // block_n))
-    if num_splits is None:  # aim at ~4 programs per SM of the H200 over the B * Hkv (sequence, head) pairs
-        num_splits = min(2, blocks) if interpreting() else max(1, min(blocks, -(-528 // (B * Hkv))))
+    if num_splits is None:  # aim at `programs` programs over the B * Hkv (sequence, head) pairs
+        num_splits = min(2, blocks) if interpreting() else max(1, min(blocks, -(-programs // (B * Hkv))))
     tokens_per_split = -(-blocks // num_splits) * block_n
     num_splits = -(-max_length // tokens_per_split)
-    qpk = Hq // Hkv
     win_splits, win_tps = 0, 0
     if window is not None:
         win_tps = -(-cap // block_n) * block_n
@@ -421,18 +572,26 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     o = torch.empty(B, Hq, total, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hq, total, dtype=torch.float32, device=q.device)
     q = q.contiguous()
+    if variant == "core":
+        _decode_core_kernel[(B, Hkv, num_splits)](
+            q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, table, o, lse, Hq, Hkv, max_pages,
+            tokens_per_split, float(sm_scale), D=D, PAGE=page_size, BLOCK_N=block_n, ROPE=rope is not None,
+            NSPLIT=total, ASM=asm, STAGES=num_stages, num_warps=num_warps)
+        out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
+        _merge_kernel[(B * Hq,)](o, lse, out, D=D, NSPLIT=total, BLOCK_S=triton.next_power_of_2(total))
+        return out
     common = dict(D=D, QPK=qpk, BLOCK_Q=max(16, triton.next_power_of_2(qpk)), BLOCK_N=block_n,
                   ROPE=rope is not None, NSPLIT=total, num_warps=num_warps)
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_codes, k_sz if k_sz is not None else k_codes, v_codes, v_sz if v_sz is not None else v_codes,
         page_table, lengths, lengths if window is None else quant_len, table, o, lse, Hq, Hkv, max_pages,
         tokens_per_split, float(sm_scale), 0, G=G, BITS=bits, PAGE=page_size, KEY_TG=key_tokens or 0, RING=False,
-        HAS_START=False, K_MODE=k_mode, V_MODE=v_mode, **common)
+        HAS_START=False, K_MODE=k_mode, V_MODE=v_mode, ASM=asm, num_stages=num_stages, **common)
     if window is not None:  # the float ring: tokens [n_q, n) of each sequence
         _decode_split_kernel[(B, Hkv, 1)](
             q, k_win, k_win, v_win, v_win, win_ids[:, None], quant_len, lengths, table, o, lse, Hq, Hkv, 1,
             win_tps, float(sm_scale), num_splits, G=D, BITS=16, PAGE=cap, KEY_TG=0, RING=True, HAS_START=True,
-            K_MODE=0, V_MODE=0, **common)
+            K_MODE=0, V_MODE=0, ASM=False, **common)
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
     _merge_kernel[(B * Hq,)](o, lse, out, D=D, NSPLIT=total, BLOCK_S=triton.next_power_of_2(total))
     return out

@@ -12,9 +12,11 @@ import atom_lab  # noqa: F401
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from atom_lab.kernels.attention import (merge_splits_ref, paged_decode_attention, paged_decode_attention_ref,
-                                        prefill_attention, rope_ref, rope_table)
+from atom_lab.kernels.attention import (_nibbles_f16, merge_splits_ref, paged_decode_attention,
+                                        paged_decode_attention_ref, prefill_attention, rope_ref, rope_table)
 from atom_lab.kernels.kv_cache import dequantize_kv_ref, kv_write_ref
 
 DEV = atom_lab.default_device()
@@ -79,6 +81,76 @@ def test_decode_matches_ref(B, Hq, Hkv, D, bits, group, page, rope):
     ref = paged_decode_attention_ref(q, kc, ksz, vc, vsz, pt, lens, bits, page, sm, rp)
     out = paged_decode_attention(q, kc, ksz, vc, vsz, pt, lens, bits, page, sm, rp)
     assert (out - ref).abs().max() <= fp16_bound(q, kc, ksz, vc, vsz, bits, sm)
+
+
+CORE_CASES = [  # (B, H, D, page, rope, lengths cap): one query head per KV head, INT4 per token-head
+    (3, 2, 64, 16, "post", 300),
+    (2, 2, 128, 32, "pre", 300),
+    (9, 1, 256, 32, "post", 70),
+]
+
+
+@pytest.mark.parametrize("variant", ["core", "dot"])
+@pytest.mark.parametrize("B,H,D,page,rope,cap", CORE_CASES)
+def test_core_and_dot_kernels_match_ref(B, H, D, page, rope, cap, variant):
+    """Both decode kernels on MHA (the CUDA-core one and the tensor-core one), ragged lengths, pages shuffled; the
+    CUDA-core kernel computes in float32 after the exact codes, so the float16 bound holds for it a fortiori."""
+    gen = torch.Generator().manual_seed(B * 100 + D)
+    lengths = torch.randint(1, cap + 1, (B,), generator=gen)
+    lengths[0] = cap - 1
+    kc, ksz, vc, vsz, pt = make_cache(B, H, D, 4, D, page, lengths.tolist(), gen)
+    q = torch.randn(B, H, D, generator=gen).to(DEV)
+    lens = lengths.to(torch.int32).to(DEV)
+    rp = ((1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))).to(DEV), 1.0) if rope == "pre" else None
+    ref = paged_decode_attention_ref(q, kc, ksz, vc, vsz, pt, lens, 4, page, D ** -0.5, rp)
+    out = paged_decode_attention(q, kc, ksz, vc, vsz, pt, lens, 4, page, D ** -0.5, rp, variant=variant,
+                                 num_splits=2)
+    assert (out - ref).abs().max() <= fp16_bound(q, kc, ksz, vc, vsz, 4, D ** -0.5)
+
+
+@triton.jit
+def _unpack_kernel(b_ptr, lo_ptr, hi_ptr, ASM: tl.constexpr):
+    i = tl.arange(0, 256)
+    lo, hi = _nibbles_f16(tl.load(b_ptr + i), ASM)
+    tl.store(lo_ptr + i, lo)
+    tl.store(hi_ptr + i, hi)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX runs on a GPU only (not in the interpreter)")
+def test_asm_unpack_is_the_triton_twin():
+    """The inline-PTX INT4 unpack gives exactly the codes of the plain-Triton twin, on every byte value, and both
+    decode kernels give bit-identical outputs with either unpack (same float16 values in, same arithmetic)."""
+    b = torch.arange(256, dtype=torch.uint8, device=DEV)[torch.randperm(256, device=DEV)]
+    res = []
+    for asm in (True, False):
+        lo, hi = torch.full((256,), -1.0, dtype=torch.float16, device=DEV), torch.full_like(b, 0, dtype=torch.float16)
+        _unpack_kernel[(1,)](b, lo, hi, ASM=asm, num_warps=1)
+        res.append((lo, hi))
+    assert torch.equal(res[0][0], (b & 15).half()) and torch.equal(res[0][1], (b >> 4).half())
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+    gen = torch.Generator().manual_seed(3)
+    for Hq, Hkv, variant in ((4, 4, "core"), (4, 4, "dot"), (8, 2, "dot")):
+        kc, ksz, vc, vsz, pt = make_cache(3, Hkv, 128, 4, 128, 32, [200, 33, 129], gen)
+        q = torch.randn(3, Hq, 128, generator=gen).to(DEV)
+        lens = torch.tensor([200, 33, 129], dtype=torch.int32, device=DEV)
+        a, t = (paged_decode_attention(q, kc, ksz, vc, vsz, pt, lens, 4, 32, 0.1, None, variant=variant,
+                                       unpack_asm=asm) for asm in (True, False))
+        assert torch.equal(a, t), variant
+
+
+def test_decode_variant_errors():
+    q = torch.randn(1, 4, 64, device=DEV)
+    kc = torch.zeros(32, 2, 32, dtype=torch.uint8, device=DEV)
+    sz = torch.zeros(32, 2, 1, 2, dtype=torch.float16, device=DEV)
+    pt = torch.zeros(1, 1, dtype=torch.int32, device=DEV)
+    ln = torch.ones(1, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="one query head per KV head"):  # GQA 4/2 has no CUDA-core kernel
+        paged_decode_attention(q, kc, sz, kc, sz, pt, ln, 4, 32, 1.0, variant="core")
+    with pytest.raises(ValueError, match="variant='fast'"):
+        paged_decode_attention(q, kc, sz, kc, sz, pt, ln, 4, 32, 1.0, variant="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="unpack_asm=True needs a GPU"):
+            paged_decode_attention(q, kc, sz, kc, sz, pt, ln, 4, 32, 1.0, unpack_asm=True)
 
 
 def test_decode_splits_agree():
