@@ -172,6 +172,7 @@ def run(eng, workload, seed=0, capture_batches=None, outputs=None):
             "max_running": running, "preemptions": eng.scheduler.num_preemptions,
             "num_pages": eng.block_manager.num_pages, "capture_seconds": capture_s,
             "graph_replays": st.replays if st else 0, "static_eager_steps": st.eager_steps if st else 0,
+            "fused_groups": eng.runner.fused_groups,
             "memory": mem}
 
 

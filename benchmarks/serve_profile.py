@@ -68,7 +68,7 @@ def profile_format(fmt: str, cfg: dict, seqs: int, prompt: int, cuda: bool, top:
     eng.step()
     for _ in range(seqs):
         eng.add_request(torch.randint(0, vocab, (prompt,), generator=g).tolist(), params)
-    out = {"format": fmt, "prefill": _profiled_step(eng, cuda, top, True)}
+    out = {"format": fmt, "fused_groups": eng.runner.fused_groups, "prefill": _profiled_step(eng, cuda, top, True)}
     while any(s.num_cached == 0 for s in eng.scheduler.waiting):  # prefill the rest, unprofiled
         eng.step()
     eng.step()  # first decode step at this batch (a new batch size for the static buffers)

@@ -24,6 +24,7 @@ import torch
 from atom_lab.kv_cache import KVFormat, PagePool, PageTable
 from atom_lab.paged_model import PagedDecoder
 from atom_lab.serve.decode_graph import StaticDecoder
+from atom_lab.serve.fuse import fuse_projections as stack_projections
 from atom_lab.serve.memory import ModelShape, activation_bytes
 from atom_lab.serve.request import Sequence, sample
 
@@ -94,6 +95,8 @@ class ModelRunner:
             at most the pool); longer sequences decode eagerly.
         fp8_weights: keep each packed W4A4 weight also as the library's FP8 operand and pass it to w4a4_gemm
             (w_fp8=), which then takes cuBLASLt's blockwise FP8 GEMM from M = 64 on SM90 (store_fp8_weights).
+        fuse_projections: stack q/k/v and gate/up into one GEMM each (serve/fuse.py); default on a GPU, where
+            it fills more of the device at decode batch sizes, off on the CPU (op for op the model as given).
         prefill: how a prompt attends (PagedDecoder's prefill=): "fresh" (default, as Atom's engine: SDPA over the
             prompt's own float K/V, which are quantized into the pages as they are written, and no read-back of a
             whole prompt's cache) or "cache" (over the K/V as stored: what teacher-forced perplexity through the
@@ -103,11 +106,15 @@ class ModelRunner:
     def __init__(self, model, kv: KVFormat, budget_bytes: float | None = None, num_pages: int | None = None,
                  page_size: int = 16, max_tokens_per_step: int = 2048, max_num_seqs: int = 64,
                  kernels: str | None = None, static_decode: bool = True, cuda_graphs: bool | None = None,
-                 max_model_len: int | None = None, fp8_weights: bool = False, prefill: str = "fresh"):
+                 max_model_len: int | None = None, fp8_weights: bool = False, prefill: str = "fresh",
+                 fuse_projections: bool | None = None):
         if (budget_bytes is None) == (num_pages is None):
             raise ValueError("pass exactly one of budget_bytes= (weights + KV pool + activations) or num_pages=.")
         self.model = model
-        self.fp8_weight_layers = store_fp8_weights(model) if fp8_weights else 0
+        if fuse_projections is None:
+            fuse_projections = next(model.parameters()).device.type == "cuda"
+        self.fused_groups = stack_projections(model) if fuse_projections else 0  # first: the FP8 copies below
+        self.fp8_weight_layers = store_fp8_weights(model) if fp8_weights else 0  # are then of the stacked weights
         if fp8_weights and not self.fp8_weight_layers:
             raise ValueError("fp8_weights=True needs packed W4A4 layers on the triton backend (atom_lab.quantize_model "
                              "with backend='triton'); this model has none.")
