@@ -107,8 +107,8 @@ def _stack_linear(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
 @torch.no_grad()
 def fuse_projections(model) -> int:
     """Stack q/k/v and gate/up of every decoder block of a Llama-architecture model, in place (module docstring).
-    Returns how many groups were stacked (0: nothing this model's layers allow)."""
-    n = 0
+    Returns how many stacked groups the model holds now (also those of an earlier call: a model is stacked once;
+    0: nothing its layers allow)."""
     for block in model.model.layers:
         for parent_name, names in GROUPS:
             parent = getattr(block, parent_name, None)
@@ -123,8 +123,7 @@ def fuse_projections(model) -> int:
             for i, (a, m) in enumerate(zip(names, layers)):
                 setattr(parent, a, Part(stacked, i, m))
                 _share_rows(m, linear, stacked.bounds[i], stacked.bounds[i + 1])
-            n += 1
-    return n
+    return sum(isinstance(m, Stacked) for m in model.modules())
 
 
 def _share_rows(m: torch.nn.Module, stacked: torch.nn.Module, r0: int, r1: int) -> None:
