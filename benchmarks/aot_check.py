@@ -56,7 +56,7 @@ def report(name, ck):
 FUSED_SIG = dict(x4="*u8", xs4="*fp16", x8="*i8", xs8="*fp16", y4="*u8", ys4="*fp16", y8="*i8", ys8="*fp16",
                  out="*fp16", res="*fp16", ws="*fp32", counters="*i32", RX="i32", RY="i32", KB="i32", KP="i32",
                  sx4="i32", sxs="i32", sx8="i32", sxs8="i32", sy4="i32", sys="i32", sy8="i32", sys8="i32",
-                 so_i="i32", so_j="i32", sr_i="i32", sr_j="i32", M_BUCKET="i32")
+                 sxg="i32", syg="i32", so_i="i32", so_j="i32", sr_i="i32", sr_j="i32", M_BUCKET="i32")
 FUSED_DIV = ["x4", "xs4", "x8", "xs8", "y4", "ys4", "y8", "ys8", "out", "res", "ws", "counters", "KB", "KP", "sx4", "sxs",
              "sx8", "sy4", "sys", "sy8", "so_j", "sr_j"]
 FP8_SIG = dict(a8="*fp8e4nv", saT="*fp32", ka="*i8", ska="*fp16", w8="*fp8e4nv", swT="*fp32", kw="*i8",
@@ -66,10 +66,17 @@ FP8_DIV = ["a8", "saT", "ka", "ska", "w8", "swT", "kw", "skw", "out", "res", "M"
            "s_w8", "s_kw", "s_om"]
 
 
-def fused(BX, BY, split, nw, ns, G=128):
-    ce = dict(GROUP=G, BX=BX, BY=BY, GROUP_X=8, SPLIT=split, HAS_RES=False, KPC=64)
-    return report(f"fused BX{BX} BY{BY} split{split} w{nw} s{ns} G{G}",
-                  compile_kernel(gemm_int4._w4a4_fused_kernel, FUSED_SIG, ce, FUSED_DIV, nw, ns))
+def fused(BX, BY, split, nw, ns, G=128, y8=False, asm=None):
+    """The fused kernel; y8=True: its "fused8" mode (y = INT8 codes, y's scales transposed: sys = 1)."""
+    ce = dict(GROUP=G, BX=BX, BY=BY, GROUP_X=8, SPLIT=split, HAS_RES=False, KPC=64, Y8=y8, sxg=1,
+              ASM=y8 if asm is None else asm)  # as the launchers: fused8 uses the inline-PTX unpack
+    sig, div = dict(FUSED_SIG), list(FUSED_DIV)
+    if y8:
+        sig["y4"] = "*i8"
+        ce["sys"] = 1
+        div = [d for d in div if d != "sys"] + ["syg"]
+    return report(f"fused{'8' if y8 else ''}{' asm' if ce['ASM'] else ''} BX{BX} BY{BY} split{split} w{nw} s{ns} G{G}",
+                  compile_kernel(gemm_int4._w4a4_fused_kernel, sig, ce, div, nw, ns))
 
 
 def fp8(BM, BN, nw, ns, G=128, tma=False):
@@ -114,6 +121,8 @@ if __name__ == "__main__":
     fused(64, 16, 4, 4, 4, G=32)
     fused(64, 64, 1, 4, 4)
     fused(64, 128, 1, 4, 4)
+    for bx, by, sp, ns in sorted({c for _, cs in gemm_int4.FUSED8_CLASSES for c in cs}):
+        fused(bx, by, sp, 4, ns, y8=True)
     fp8(128, 128, 8, 4)
     fp8(128, 128, 8, 4, tma=True)
     fp8(64, 128, 4, 4, tma=True)

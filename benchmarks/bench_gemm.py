@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from atom_lab import kernels  # noqa: E402
 from atom_lab.kernels import gemm as G  # noqa: E402
-from atom_lab.kernels import gemm_blockwise, gemm_fp8, gemm_gluon  # noqa: E402
+from atom_lab.kernels import gemm_blockwise, gemm_fp8, gemm_gluon, gemm_int4  # noqa: E402
 from atom_lab.kernels import w4a4_gemm, w4a4_gemm_ref  # noqa: E402
 from benchmarks.common import (GRAPH_FAILURES, LLAMA2_7B, MS, QUICK_MS, SHAPES, bench_ms, copy_bandwidth_gbs,  # noqa: E402
                                device_facts, floors_us, library_fns, packed_inputs)
@@ -57,6 +57,47 @@ def host_us_per_call(fn, calls: int = 200) -> float:
     return (time.perf_counter() - t) / calls * 1e6
 
 
+REP = 40  # do_bench's rep (ms) of every timing here; --rep lowers it for a short device lease
+GLUON_MS = None  # None: time the Gluon method at every M; else only at these M (--gluon-ms)
+
+
+def _tm(fn, **kw):
+    return bench_ms(fn, rep=REP, **kw)
+
+
+def fused_variants(row, M, a, wq, ref):
+    """Controls and variants of the fused kernel beside the method columns, each at the configuration the
+    autotuner chose for its method (so a column differs from its partner in one thing only):
+      fused_noasm_ms     the fused kernel at fused's tuned configuration with LLVM's byte shifts instead of the
+                         inline-PTX nibble shift (ASM=False): what _lo_x16 buys
+      fused8_codes_ms    "fused8" with the activation codes already made (a quantizer that writes codes instead
+                         of nibbles): what the per-call activation_codes launch costs
+    (results/gemm_h200_band.json also has fused8_onedot_ms, a variant removed after that run.)"""
+    out = torch.empty(M, wq.rows, dtype=torch.float16, device=a.q4.device)
+    if row.get("fused_ms"):
+        if M <= gemm_int4.SWAP_CLASSES[-1][0]:
+            cls = next(i for i, c in enumerate(gemm_int4.SWAP_CLASSES) if M <= c[0])
+            c = gemm_int4._SWAP_TUNERS[cls].best_config
+            cfg = (wq, a, out, None, True, c.kwargs["BX"], gemm_int4.SWAP_CLASSES[cls][1], c.kwargs["SPLIT"], 4,
+                   c.num_stages)
+        else:
+            c = gemm_int4._normal_tuner.best_config
+            cfg = (a, wq, out, None, False, c.kwargs["BX"], c.kwargs["BY"], 1, c.num_warps, c.num_stages)
+        fn = lambda: gemm_int4._launch_fused(*cfg, asm=False)  # noqa: E731
+        fn()
+        if ref is not None:
+            row["rel_err_fused_noasm"] = ((out.float() - ref).norm() / ref.norm()).item()
+        row["fused_noasm_ms"] = _tm(fn, graph=True)
+        row["fused_config"] = str(c)
+    if row.get("fused8_ms"):
+        codes = gemm_int4.activation_codes(a)
+        fn = lambda: gemm_int4.launch_fused8_tuned(a, wq, out, None, codes=codes)  # noqa: E731
+        row["fused8_codes_ms"] = _tm(fn, graph=True)
+        c = gemm_int4._FUSED8_TUNERS[gemm_int4.fused8_class(M)].best_config
+        row["fused8_config"] = str(c)
+        row["activation_codes_ms"] = _tm(lambda: gemm_int4.activation_codes(a), graph=True)
+
+
 def bench_gemms(ms, log=print, shapes=ALL_SHAPES, partial_path=None, lean=False):
     """Per shape and M: GPU time from CUDA-graph replays (the primary number, L2 flushed by do_bench before each
     replay) of cuBLAS bf16, the libraries, w4a4_gemm as dispatched (method=None) and every method side by side;
@@ -74,7 +115,7 @@ def bench_gemms(ms, log=print, shapes=ALL_SHAPES, partial_path=None, lean=False)
                 libs = {k: (v if k in keep else "not timed (--lean)") for k, v in libs.items()}
             for lib, fn in libs.items():
                 if callable(fn):
-                    row[lib + "_ms"] = bench_ms(fn, graph=True)
+                    row[lib + "_ms"] = _tm(fn, graph=True)
                 else:
                     row[lib + "_ms"] = None
                     row[lib + "_error"] = fn
@@ -84,12 +125,13 @@ def bench_gemms(ms, log=print, shapes=ALL_SHAPES, partial_path=None, lean=False)
             if ref is not None:
                 row["rel_err_vs_ref"] = ((out.float() - ref).norm() / ref.norm()).item()
             ours = lambda: w4a4_gemm(a, wq)  # noqa: E731
-            row["w4a4_ms"] = bench_ms(ours, graph=True)
+            row["w4a4_ms"] = _tm(ours, graph=True)
             row["config"] = G.last_config(M, row["method"], (N, K, KEEPER, GROUP))
             # Every method side by side (the dispatch above is one of them). fused at M >= 4096 is skipped: it runs
             # at 0.34-0.37x bf16 there (benchmarks/NOTES.md) and its autotuning would cost a minute of the run.
-            methods = {"fused": M <= 1024, "fp8": G.has_fp8_tensor_cores(x.device), "blockwise": blockwise_ok,
-                       "gluon": G.gluon_ok(x.device, GROUP)}
+            methods = {"fused": M <= 1024, "fused8": M <= gemm_int4.FUSED8_MAX_M,
+                       "fp8": G.has_fp8_tensor_cores(x.device) and (M >= 64 or not lean), "blockwise": blockwise_ok,
+                       "gluon": G.gluon_ok(x.device, GROUP) and (GLUON_MS is None or M in GLUON_MS)}
             for meth, ok in methods.items():
                 if not ok:
                     continue
@@ -103,13 +145,14 @@ def bench_gemms(ms, log=print, shapes=ALL_SHAPES, partial_path=None, lean=False)
                     continue
                 if ref is not None:
                     row[f"rel_err_{meth}"] = ((o.float() - ref).norm() / ref.norm()).item()
-                row[f"{meth}_ms"] = bench_ms(fn, graph=True)
+                row[f"{meth}_ms"] = _tm(fn, graph=True)
                 if meth == "gluon":
                     row["gluon_config"] = G.last_config(M, "gluon", (N, K, KEEPER, GROUP))
+            fused_variants(row, M, a, wq, ref)
             if blockwise_ok and methods["blockwise"]:
                 # The weights stored as the library's FP8 operand (prepared once): what the per-call unpack costs.
                 pa, pw = gemm_blockwise.prepare_fp8(a, "a"), gemm_blockwise.prepare_fp8(wq, "w")
-                row["blockwise_fp8_weights_ms"] = bench_ms(lambda: w4a4_gemm(a, wq, method="blockwise", w_fp8=pw),
+                row["blockwise_fp8_weights_ms"] = _tm(lambda: w4a4_gemm(a, wq, method="blockwise", w_fp8=pw),
                                                            graph=True)
                 # The dispatch with stored FP8 weights picks among the measured columns (no extra timing).
                 row["method_fp8_weights"] = G.choose_method(M, x.device, fp8_weights=True)
@@ -118,23 +161,23 @@ def bench_gemms(ms, log=print, shapes=ALL_SHAPES, partial_path=None, lean=False)
                 if row.get(f"{pick}_ms"):
                     row["w4a4_fp8_weights_ms"] = row[f"{pick}_ms"]
                     row["speedup_vs_bf16_fp8_weights"] = row["cublas_bf16_ms"] / row["w4a4_fp8_weights_ms"]
-                row["blockwise_lib_only_ms"] = bench_ms(lambda: gemm_blockwise.blockwise_gemm(pa, pw, torch.float16),
+                row["blockwise_lib_only_ms"] = _tm(lambda: gemm_blockwise.blockwise_gemm(pa, pw, torch.float16),
                                                         graph=True)
                 if M == ms[0]:  # the weight unpack does not depend on M
-                    row["prepare_w_ms"] = bench_ms(lambda: gemm_blockwise.prepare_fp8(wq, "w"), graph=True)
+                    row["prepare_w_ms"] = _tm(lambda: gemm_blockwise.prepare_fp8(wq, "w"), graph=True)
                 row["fp8_weight_bytes"] = pw[0].nbytes + pw[1].nbytes
                 row["packed_weight_bytes"] = sum(t.nbytes for t in (wq.q4, wq.s4, wq.q8, wq.s8))
                 pa = pw = None
             if row["method"] == "fp8":
                 a8, w8 = G.unpack_fp8(a), G.unpack_fp8(wq)
-                row["w4a4_unpack_a_ms"] = bench_ms(lambda: G.unpack_fp8(a), graph=True)
-                row["w4a4_unpack_w_ms"] = bench_ms(lambda: G.unpack_fp8(wq), graph=True)
-                row["w4a4_gemm_only_ms"] = bench_ms(lambda: gemm_fp8._launch_fp8_tuned(a, wq, out, None, a8=a8, w8=w8),
+                row["w4a4_unpack_a_ms"] = _tm(lambda: G.unpack_fp8(a), graph=True)
+                row["w4a4_unpack_w_ms"] = _tm(lambda: G.unpack_fp8(wq), graph=True)
+                row["w4a4_gemm_only_ms"] = _tm(lambda: gemm_fp8._launch_fp8_tuned(a, wq, out, None, a8=a8, w8=w8),
                                                     graph=True)
                 a8 = w8 = None
             base = row["cublas_bf16_ms"]
             row["speedup_vs_bf16"] = base / row["w4a4_ms"]
-            for meth in list(methods) + ["blockwise_fp8_weights"]:
+            for meth in list(methods) + ["blockwise_fp8_weights", "fused_noasm", "fused8_codes"]:
                 if row.get(f"{meth}_ms"):
                     row[f"{meth}_speedup_vs_bf16"] = base / row[f"{meth}_ms"]
             if M in (1, 256) and not lean:  # eager (host-bound) numbers: a few points suffice
@@ -224,7 +267,8 @@ def bars(rows, quant, key="speedup_vs_bf16", models=BAR_MODELS):
     return out
 
 
-METHOD_COLUMNS = [("fused", "fused INT4 (Triton)"), ("fp8", "FP8 (Triton)"), ("blockwise", "blockwise FP8 (cuBLASLt)"),
+METHOD_COLUMNS = [("fused", "fused INT4 (Triton)"), ("fused8", "fused INT4, activation codes (Triton)"),
+                  ("fp8", "FP8 (Triton)"), ("blockwise", "blockwise FP8 (cuBLASLt)"),
                   ("blockwise_fp8_weights", "blockwise, FP8 weights stored"), ("gluon", "Gluon INT4 wgmma")]
 GLUON_NOTE = ("Gluon INT4 wgmma = kernels/gemm_gluon.py (in-kernel INT4 unpack into shared memory, one warpgroup, "
               "the rescale of a group overlapping the next group's MMA); benchmarks/NOTES.md.")
@@ -351,14 +395,14 @@ def plot(res, path, suptitle: str | None = None, lib_title: str | None = None):
     plt.close(fig)
 
 
-def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print, lean=False) -> dict:
+def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print, lean=False, ms=None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("atom-lab bench needs a CUDA GPU: under the CPU interpreter timings mean nothing.")
     t0 = time.time()
     info = device_facts()
     info["copy_gbs"] = copy_bandwidth_gbs()
     log(f"{info['device']}: copy bandwidth {info['copy_gbs']:.0f} GB/s (read + write)")
-    ms = QUICK_MS if quick else MS
+    ms = ms or (QUICK_MS if quick else MS)
     rows = bench_gemms(ms, log, partial_path=json_path and json_path + ".partial", lean=lean)
     fp8_rates = [2 * r["M"] * r["N"] * r["K"] / r["scaled_mm_fp8_ms"] / 1e9 for r in rows if r["scaled_mm_fp8_ms"]]
     tc = max(fp8_rates) if fp8_rates else 1000.0
@@ -370,6 +414,10 @@ def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print, le
     res = dict(device=info, copy_gbs=info["copy_gbs"], fp8_library_peak_tflops=tc, group=GROUP, keeper=KEEPER,
                timing="triton.testing.do_bench median of CUDA-graph replays, L2 flushed before each run",
                graph_capture_failures=GRAPH_FAILURES, gemm=rows, quantize=quant, seconds=time.time() - t0)
+    # the command as run, with output files named as committed (never the device's scratch folder)
+    res["command"] = "python benchmarks/bench_gemm.py " + " ".join(
+        "benchmarks/results/" + os.path.basename(a) if os.sep in a else a for a in sys.argv[1:])
+    res["rep_ms"] = REP
     res["dispatch"] = dict(FP8_MIN_M=G.FP8_MIN_M, BLOCKWISE_MIN_M=G.BLOCKWISE_MIN_M,
                            capability=G.device_capability(torch.device("cuda")),
                            library_refused_fell_back_to_fp8=G.FALLBACKS[:20])
@@ -377,11 +425,7 @@ def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print, le
                         configs=gemm_gluon.CONFIGS,
                         compile_errors={str(k): v for k, v in gemm_gluon.COMPILE_ERRORS.items()},
                         chosen={str(k): v for k, v in gemm_gluon._BEST.items()})
-    res["bars"] = bars(rows, quant)
-    res["bars_fp8_weights"] = bars(rows, {}, "speedup_vs_bf16_fp8_weights")
-    res["bars_other_model"] = bars(rows, {}, models=tuple(sorted({r["model"] for r in rows} - set(BAR_MODELS))))
-    res["markdown"] = markdown(res)
-    res["summary_markdown"] = speed_summary(res)
+    summarize(res)
     log(res["markdown"])
     if json_path:
         with open(json_path, "w") as f:
@@ -394,6 +438,46 @@ def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print, le
     return res
 
 
+def summarize(res) -> None:
+    """Bars, README table and summary of a result (after a run, or after redispatch)."""
+    res["bars"] = bars(res["gemm"], res.get("quantize", {}))
+    res["bars_fp8_weights"] = bars(res["gemm"], {}, "speedup_vs_bf16_fp8_weights")
+    res["bars_other_model"] = bars(res["gemm"], {}, models=tuple(sorted({r["model"] for r in res["gemm"]}
+                                                                        - set(BAR_MODELS))))
+    res["markdown"] = markdown(res)
+    res["summary_markdown"] = speed_summary(res)
+
+
+def redispatch(path: str) -> dict:
+    """The dispatch of this checkout applied to a recorded run: per row, the method select_method picks now and its
+    measured column become the w4a4 (dispatch) time; the run's own dispatch is kept as method_at_run/w4a4_at_run_ms.
+    Nothing is re-timed: every method column was measured in that one run beside cuBLAS bf16."""
+    with open(path) as f:
+        res = json.load(f)
+    for r in res["gemm"]:
+        r.setdefault("method_at_run", r["method"])
+        r.setdefault("w4a4_at_run_ms", r["w4a4_ms"])
+        pick = dispatch_pick(res, r["M"])
+        if pick == "blockwise" and r["N"] % gemm_blockwise.N_ALIGN:
+            pick = "fp8"
+        t = r.get(f"{pick}_ms") or (r.get("fp8_ms") if pick == "blockwise" else None)
+        if t:
+            r["method"], r["w4a4_ms"] = pick, t
+            r["speedup_vs_bf16"] = r["cublas_bf16_ms"] / t
+    res["dispatch"]["redispatched"] = ("w4a4_ms / method / speedup_vs_bf16 = the column of the method this "
+                                       "checkout's select_method picks; method_at_run / w4a4_at_run_ms = the run's")
+    res["dispatch"].update(FP8_MIN_M=G.FP8_MIN_M, BLOCKWISE_MIN_M=G.BLOCKWISE_MIN_M,
+                           FUSED8_MIN_M=getattr(G, "FUSED8_MIN_M", None), FUSED8_MAX_M=getattr(G, "FUSED8_MAX_M", None))
+    summarize(res)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(res["markdown"])
+    plot(res, os.path.splitext(path)[0] + ".png")
+    print(res["summary_markdown"])
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write every shape and time here")
@@ -402,9 +486,21 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help=f"M in {QUICK_MS} only")
     ap.add_argument("--lean", action="store_true", help="skip the INT8/FP8 per-tensor library columns, the eager and "
                     "the clean-L2 timings (they do not enter the bars); fits a short device lease")
+    ap.add_argument("--ms", help="comma-separated token counts (default: " + ",".join(map(str, MS)) + ")")
+    ap.add_argument("--rep", type=int, default=40, help="do_bench rep in ms per timing (default 40)")
+    ap.add_argument("--gluon-ms", help="time the Gluon method only at these M (comma-separated)")
+    ap.add_argument("--redispatch", metavar="JSON", help="no GPU: re-derive the dispatch columns of a recorded run "
+                    "from its method columns with this checkout's select_method, rewrite JSON, .md and the plot")
     args = ap.parse_args(argv)
+    global REP, GLUON_MS
+    REP = args.rep
+    GLUON_MS = [int(m) for m in args.gluon_ms.split(",")] if args.gluon_ms else None
+    if args.redispatch:
+        redispatch(args.redispatch)
+        return
     plot_path = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
-    run(args.json, plot_path, args.markdown, args.quick, lean=args.lean)
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else None
+    run(args.json, plot_path, args.markdown, args.quick, lean=args.lean, ms=ms)
 
 
 if __name__ == "__main__":

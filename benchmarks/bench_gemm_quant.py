@@ -167,6 +167,8 @@ def main() -> None:
     for r in res["rows"]:
         r["fraction_of_1gib_copy"] = r["gbs"] / info["copy_gbs_1gib"]
     res["graph_failures"] = GRAPH_FAILURES
+    res["command"] = "python benchmarks/bench_gemm_quant.py --out benchmarks/results/" + os.path.basename(args.out) + (
+        " --quick" if args.quick else "")
     res["seconds"] = time.time() - t0
     write_json(args.out, res)
     print(f"wrote {args.out} in {res['seconds']:.0f} s")

@@ -11,6 +11,9 @@ below 2^13), the per-group scaling and the sum over groups are fp32.
 Methods (`method=`), the same function, each in its own module:
   "fused"  kernels/gemm_int4.py: one kernel that unpacks the INT4 bytes in registers to INT8 for int8 tensor-core
            dots. Runs on every GPU and in the CPU interpreter; for small M it swaps the operands and splits K.
+  "fused8" kernels/gemm_int4.py too: the activations' nibbles unpacked once per call to INT8 codes (one small
+           launch), then the same kernel with only the weights unpacked in registers: the token operand goes
+           from the copy straight to the tensor cores. For batch decode (65-256 tokens) on the H200.
   "fp8"    kernels/gemm_fp8.py: a pass unpacks both operands once into FP8 e4m3 (exact for -8..7), then a Triton
            block-scaled FP8 GEMM (GPUs with FP8 tensor cores: Hopper, Ada; the teaching kernel and the fallback).
   "blockwise" kernels/gemm_blockwise.py: the same FP8 operands (keepers as exact FP8 digit blocks) through torch's
@@ -151,13 +154,21 @@ AUTOTUNE = os.environ.get("ATOM_LAB_AUTOTUNE", "1") != "0"
 # won 4 of 12, Gluon 2); from M = 1024 the library's blockwise GEMM with its operands prepared per call beat our FP8
 # kernel on 11 of 12 (0.46-0.86x vs 0.52-0.82x) and all 12 at 4096-8192. The Gluon kernel beat the dispatch in 4 of
 # 96 cases, by 4-8% (M = 16 and 256 on 4096-wide layers), and ran 0.25-0.30x at M >= 1024: it is never picked.
-# Ada (8, 9) was never measured: it shares FP8_MIN_M.
+# Re-checked with the inline-PTX unpack by results/gemm_h200_band.json: fused fastest at M <= 64 (12, 12, 8 of 12),
+# the library from M = 1024 (11 of 12). Ada (8, 9) was never measured: it shares FP8_MIN_M.
 FP8_MIN_M = 256
 BLOCKWISE_MIN_M = 1024
+# "fused8" on the H200 (results/gemm_h200_band.json, the same 12 shapes, every method in one run): the fastest method
+# at M = 128 on 12 of 12 (0.52-0.77x bf16; fused 0.43-0.75x, 1.02-1.41x slower) and at M = 256 on 8 of 12 (0.44-0.65x;
+# our FP8 0.40-0.54x won 3, the library 1), but the fused kernel was fastest at M = 64 on 8 of 12 (0.61-1.07x; fused8
+# 0.57-1.02x) and at M <= 16 on all 12 (fused8 pays its activation-codes launch, 0.2-6 us). Both tuners key on the
+# power-of-two bucket of M, so the band starts at the 128 bucket.
+FUSED8_MIN_M = 65
+FUSED8_MAX_M = gemm_int4.FUSED8_MAX_M  # 256
 # With FP8 weights stored: blockwise beat the fused kernel at M = 64 on 12 of 12 shapes (0.60-1.12x vs 0.49-0.88x),
 # at M = 16 on none.
 STORED_MIN_M = 64
-METHODS = ("fused", "fp8", "blockwise", "gluon", "gemv")
+METHODS = ("fused", "fused8", "fp8", "blockwise", "gluon", "gemv")
 FALLBACKS: list = []  # shapes the library refused under method=None (they ran "fp8" instead)
 
 
@@ -169,8 +180,9 @@ def select_method(M: int, capability: tuple[int, int] | None, torch_ver: tuple[i
     (7, 5) T4    -> "fused" (Triton has no bf16 / FP8 dots there: the int8 tensor-core path only)
     (8, x < 9)   -> "fused" (A100 / A10: no FP8 tensor cores)
     (8, 9) Ada   -> "fused" below FP8_MIN_M, "fp8" from there on
-    (9, 0) Hopper, torch >= 2.9, G = 128 -> as Ada below BLOCKWISE_MIN_M, "blockwise" (cuBLASLt) from there on
-                 (w4a4_gemm keeps "fp8" where N % 16 != 0, which the library refuses); older torch: as Ada.
+    (9, 0) Hopper -> "fused8" for FUSED8_MIN_M <= M <= FUSED8_MAX_M (65-256 tokens, batch decode), else as Ada below
+                 BLOCKWISE_MIN_M; with torch >= 2.9 and G = 128 "blockwise" (cuBLASLt) from there on (w4a4_gemm
+                 keeps "fp8" where N % 16 != 0, which the library refuses); older torch: as Ada there.
     fp8_weights=True (the caller keeps the weights as the library's FP8 operand, w4a4_gemm(w_fp8=...)): on (9, 0)
                  "blockwise" from STORED_MIN_M on, since no weight unpack is paid per call.
     "gluon" is never picked: it was slower than the method above in 92 of 96 measured cases, and at most 8% faster
@@ -182,6 +194,8 @@ def select_method(M: int, capability: tuple[int, int] | None, torch_ver: tuple[i
     if group_size == gemm_blockwise.BLOCK and gemm_blockwise.blockwise_supported(tuple(capability), torch_ver):
         if M >= (STORED_MIN_M if fp8_weights else BLOCKWISE_MIN_M):
             return "blockwise"
+    if tuple(capability) == (9, 0) and FUSED8_MIN_M <= M <= FUSED8_MAX_M:
+        return "fused8"
     return "fp8" if M >= FP8_MIN_M else "fused"
 
 
@@ -308,6 +322,11 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
     out = torch.empty(M, N, dtype=kernel_dtype, device=device)
     if method == "gemv":
         gemm_gemv.launch_gemv(a, w, out, res)
+    elif method == "fused8" and interpreting():  # the same kernel (Y8 mode), few large tiles, no split
+        BM, BN = _interp_tiles(M, N)
+        gemm_int4._launch_fused8(w, a, out, res, BN, BM, 1, 4, 1)
+    elif method == "fused8":
+        gemm_int4.launch_fused8_tuned(a, w, out, res, autotune=AUTOTUNE)
     elif interpreting():
         BM, BN = _interp_tiles(M, N)
         if method in ("fused", "gluon"):  # "gluon": its twin, the fused kernel without swap or split

@@ -11,6 +11,7 @@ import torch
 
 import atom_lab
 from atom_lab.kernels import PackedAtom, pack_int4_ref, quantize_atom_ref, w4a4_gemm, w4a4_gemm_ref
+from atom_lab.kernels.pack import unpack_int4_ref
 from atom_lab.kernels import gemm as G
 from atom_lab.kernels import gemm_blockwise, gemm_fp8, gemm_int4
 
@@ -19,7 +20,7 @@ GPU = DEV.type == "cuda"
 FP8_OK = not GPU or G.has_fp8_tensor_cores(DEV)
 BLOCKWISE_OK = not GPU or gemm_blockwise.blockwise_supported(G.device_capability(DEV), gemm_blockwise.torch_version())
 # "gluon" joins on a GPU that runs it (tests/test_gemm_gluon.py); under the interpreter it is the fused kernel itself.
-METHODS = (["fused"] + (["fp8"] if FP8_OK else []) + (["blockwise"] if BLOCKWISE_OK else [])
+METHODS = (["fused", "fused8"] + (["fp8"] if FP8_OK else []) + (["blockwise"] if BLOCKWISE_OK else [])
            + (["gluon"] if GPU and G.gluon_ok(DEV, 128) else []) + ["gemv"])
 
 
@@ -158,7 +159,12 @@ def test_select_method_per_gpu():
     assert G.select_method(G.FP8_MIN_M - 1, (8, 9), new) == "fused"
     assert G.select_method(G.FP8_MIN_M, (8, 9), new) == "fp8"      # Ada: our FP8 kernel, no blockwise library
     assert G.select_method(1, (9, 0), new) == "fused"
-    assert G.select_method(G.FP8_MIN_M, (9, 0), new) == "fp8"
+    assert G.select_method(G.FUSED8_MIN_M - 1, (9, 0), new) == "fused"
+    assert G.select_method(G.FUSED8_MIN_M, (9, 0), new) == "fused8"  # batch decode: activation codes
+    assert G.select_method(G.FUSED8_MAX_M, (9, 0), new) == "fused8"
+    assert G.select_method(G.FUSED8_MAX_M + 1, (9, 0), new) == "fp8"
+    assert G.select_method(128, (9, 0), old) == "fused8"             # our kernel: no library needed
+    assert G.select_method(128, (8, 9), new) == "fused"              # Ada: never measured with fused8
     assert G.select_method(G.BLOCKWISE_MIN_M - 1, (9, 0), new) == "fp8"
     assert G.select_method(G.BLOCKWISE_MIN_M, (9, 0), new) == "blockwise"
     assert G.select_method(8192, (9, 0), new) == "blockwise"
@@ -246,6 +252,55 @@ def test_gpu_configurations(M):
             out = torch.full((M, N), float("nan"), device=DEV, dtype=torch.float16)
             gemm_fp8._launch_fp8(a, w, out, res, 128, 128, 8, 3, tma=tma)
             assert_matches(out, a, w, res)
+
+
+def test_activation_codes_exact():
+    """The "fused8" operand: INT8 codes in channel order and the scales transposed, bit for bit (one launch)."""
+    for group, M, K4 in ((128, 5, 256), (32, 17, 192), (64, 1, 128)):
+        a, _ = packed_pair(M, 3, K4, group, 64, seed=M)
+        codes, s4 = gemm_int4.activation_codes(a)
+        assert torch.equal(codes.cpu(), gemm_int4.codes_ref(a.to("cpu")))
+        if group < 128:  # steps of 32 bytes: the codes are in channel order
+            assert torch.equal(codes.cpu(), unpack_int4_ref(a.q4.cpu()))
+        assert s4.shape == a.s4.shape and s4.stride() == (1, M) and torch.equal(s4.cpu(), a.s4.cpu())
+
+
+def test_fused8_tiles_and_split():
+    """"fused8" with token tiles narrower than M, a one-launch split-K (3 splits), transposed and row-major
+    scales: the same bits, within fp32 rounding of the reference."""
+    a, w = packed_pair(40, 70, 384, 128, 64, seed=3)
+    codes = gemm_int4.activation_codes(a)
+    outs = []
+    for BX, BY, split, y8 in ((64, 16, 3, codes), (64, 32, 1, codes), (64, 16, 3, (codes[0], a.s4))):
+        out = torch.full((40, 70), float("nan"), device=DEV)
+        gemm_int4._launch_fused8(w, a, out, None, BX, BY, split, 4, 1 if not GPU else 3, y8)
+        assert_matches(out, a, w)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[2])
+    assert int(gemm_int4._tile_counters(DEV, 1).abs().sum()) == 0
+
+
+@pytest.mark.skipif(not GPU, reason="GPU-only configurations (compiled tile shapes, split-K)")
+@pytest.mark.parametrize("M", [5, 100])
+def test_gpu_fused8_configurations(M):
+    """Every candidate configuration of "fused8" (kernels/gemm_int4.FUSED8_CLASSES), ragged shape, fp16 out and
+    residual; and the row-major scale layout (strides) gives the same bits as the transposed one."""
+    N, K4, keeper = 1000, 3968, 128
+    a, w = packed_pair(M, N, K4, 128, keeper, seed=M)
+    res = torch.randn(M, N, device=DEV, dtype=torch.float16)
+    codes = gemm_int4.activation_codes(a)
+    first = None
+    for BX, BY, split, ns in gemm_int4.FUSED8_CLASSES[gemm_int4.fused8_class(M)][1]:
+        out = torch.full((M, N), float("nan"), device=DEV, dtype=torch.float16)
+        gemm_int4._launch_fused8(w, a, out, res, BX, BY, split, 4, ns, codes)
+        assert_matches(out, a, w, res)
+        first = out if first is None else first
+    out = torch.full((M, N), float("nan"), device=DEV, dtype=torch.float16)
+    BX, BY, split, ns = gemm_int4.FUSED8_CLASSES[gemm_int4.fused8_class(M)][1][0]
+    gemm_int4._launch_fused8(w, a, out, res, BX, BY, split, 4, ns, (codes[0], a.s4))
+    assert torch.equal(out, first)
+    assert int(gemm_int4._tile_counters(DEV, 1).abs().sum()) == 0, "split-K counters must be left at zero"
+    assert_matches(w4a4_gemm(a, w, torch.float16, residual=res, method="fused8"), a, w, res)
 
 
 @pytest.mark.skipif(not GPU, reason="triton.autotune runs on the GPU only")
