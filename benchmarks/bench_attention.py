@@ -55,6 +55,9 @@ CORE = {f"core n{n} w{w} s{s} p{p}{'' if a else ' twin'}": dict(variant="core", 
         for n, w, s, p, a in [(16, 1, 1, 2112, True), (16, 1, 3, 2112, True), (16, 1, 3, 4224, True),
                               (8, 1, 3, 4224, True), (64, 4, 3, 528, True)]}
 CORE_PRE = {k: v for k, v in CORE.items() if k.split()[1] in ("n16", "n8") and " s3 " in k}
+CORE_PRE.update({f"core n{n} w1 s3 p{p} f16tab": dict(variant="core", unpack_asm=True, block_n=n, num_warps=1,
+                                                    num_stages=3, programs=p, rope_fp16=True)
+                 for n, p in [(16, 4224), (16, 2112), (8, 4224)]})
 KIVI_TG, KIVI_WINDOW = 32, 128
 
 
@@ -112,7 +115,7 @@ def bench_ours(q, cache, bits, ctx, rope, log, window=None, configs=None, errs=N
     kivi = dict(key_tokens=KIVI_TG, window=window) if window is not None else {}
     times = {}
     for label, kw in (configs or V5).items():
-        family = label.split()[0]
+        family = label.split()[0] + (" f16tab" if kw.get("rope_fp16") else "")
         try:
             if errs is not None and family not in errs:
                 errs[family] = check_first(q, cache, bits, ctx, rope, window, **kw)
@@ -185,6 +188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default=None, help="comma-separated contexts")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     ap.add_argument("--smoke", action="store_true", help="CPU check of every path on tiny shapes, no timing")
+    ap.add_argument("--formats", default="bf16,post,pre", help="comma-separated subset of bf16, post, pre")
+    ap.add_argument("--families", default=None, help="comma-separated label prefixes of our configs to time "
+                    "(default all: v5, dot_asm, core)")
     args = ap.parse_args(argv)
     if args.smoke:
         return smoke()
@@ -195,6 +201,8 @@ def main(argv=None) -> int:
     batches, contexts = ([8, 128], [4096, 16384]) if args.quick else (BATCHES, CONTEXTS)
     batches = [int(x) for x in args.batches.split(",")] if args.batches else batches
     contexts = [int(x) for x in args.contexts.split(",")] if args.contexts else contexts
+    formats = set(args.formats.split(","))
+    families = set(args.families.split(",")) if args.families else None
     torch.manual_seed(0)  # randn_like below draws from the global generator
     gen = torch.Generator(device=DEV).manual_seed(0)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=DEV).float() / D))
@@ -214,40 +222,47 @@ def main(argv=None) -> int:
                 q = torch.randn(B, Hq, D, device=DEV, dtype=torch.bfloat16, generator=gen)
                 row = dict(config=cname, Hq=Hq, Hkv=Hkv, D=D, batch=B, context=ctx, page_size=PAGE,
                            sdpa_ms=sd, sdpa_best=be, sdpa_best_ms=sd[be])
-                c16 = paged_cache(B, ctx, Hkv, 16, gen)
-                row["err_bf16"] = check_first(q, c16, 16, ctx, None)
-                times = bench_ours(q, c16, 16, ctx, None, print)
-                row["ours_bf16_ms"], row["ours_bf16_cfg"] = best_of(times)
-                del c16
+                if "bf16" in formats:
+                    c16 = paged_cache(B, ctx, Hkv, 16, gen)
+                    row["err_bf16"] = check_first(q, c16, 16, ctx, None)
+                    times = bench_ours(q, c16, 16, ctx, None, print)
+                    row["ours_bf16_ms"], row["ours_bf16_cfg"] = best_of(times)
+                    del c16
                 c4 = paged_cache(B, ctx, Hkv, 4, gen)
                 row["cfg_ms"], row["err_family"] = {}, {}
                 for mode, rope in (("post", None), ("pre", (inv_freq, 1.0, table))):
+                    if mode not in formats:
+                        continue
                     cfgs = {**V5, **DOT_ASM, **((CORE if mode == "post" else CORE_PRE) if Hq == Hkv else {})}
+                    cfgs = {k: v for k, v in cfgs.items() if families is None or k.split()[0] in families}
                     errs = {}
                     times = bench_ours(q, c4, 4, ctx, rope, print, configs=cfgs, errs=errs)
                     row["cfg_ms"][f"int4_{mode}"], row["err_family"][f"int4_{mode}"] = times, errs
                     row[f"err_int4_{mode}"] = max(errs.values()) if errs else None
                     row[f"ours_int4_{mode}_ms"], row[f"ours_int4_{mode}_cfg"] = best_of(times)
                     row[f"v5_int4_{mode}_ms"] = best_of(times, "v5")[0]
-                    row[f"speedup_v5_int4_{mode}"] = sd[be] / row[f"v5_int4_{mode}_ms"] if times else None
+                    v5ms = row[f"v5_int4_{mode}_ms"]
+                    row[f"speedup_v5_int4_{mode}"] = sd[be] / v5ms if v5ms else None
                 del c4
                 if args.kivi:
                     ck, win = kivi_cache(B, ctx, Hkv, gen)
                     errs = {}
-                    times = bench_ours(q, ck, 4, ctx, None, print, window=win, configs={**V5, **DOT_ASM}, errs=errs)
+                    cfgs = {k: v for k, v in {**V5, **DOT_ASM}.items() if families is None or k.split()[0] in families}
+                    times = bench_ours(q, ck, 4, ctx, None, print, window=win, configs=cfgs, errs=errs)
                     row["cfg_ms"]["kivi"], row["err_family"]["kivi"] = times, errs
                     row["err_kivi"] = max(errs.values()) if errs else None
                     row["ours_kivi_ms"], row["ours_kivi_cfg"] = best_of(times)
                     row["speedup_kivi"] = sd[be] / row["ours_kivi_ms"] if times else None
-                    row["speedup_v5_kivi"] = sd[be] / best_of(times, "v5")[0] if times else None
+                    v5ms = best_of(times, "v5")[0]
+                    row["speedup_v5_kivi"] = sd[be] / v5ms if v5ms else None
                     del ck, win
                 kv_bytes_bf16 = 2 * B * ctx * Hkv * D * 2
                 kv_bytes_int4 = 2 * B * ctx * Hkv * (D // 2 + 4)
                 row["kv_bytes_bf16"], row["kv_bytes_int4"] = kv_bytes_bf16, kv_bytes_int4
                 for k in ("post", "pre"):
-                    ms = row[f"ours_int4_{k}_ms"]
+                    ms = row.get(f"ours_int4_{k}_ms")
                     row[f"speedup_int4_{k}"] = sd[be] / ms if ms else None
-                post_ms = row["ours_int4_post_ms"]
+                post_ms = row.get("ours_int4_post_ms")
                 row["int4_post_tbs"] = kv_bytes_int4 / post_ms / 1e9 if post_ms else None
                 row["sdpa_tbs"] = kv_bytes_bf16 / sd[be] / 1e9
                 rows.append(row)
@@ -255,15 +270,16 @@ def main(argv=None) -> int:
 
                 def us(x):
                     return f"{x * 1e3:8.1f}" if x else "     n/a"
-                print(f"{cname:18s} {B:4d} {ctx:6d} {us(sd[be])} {be:>6s} {us(row['ours_bf16_ms'])} "
-                      f"{us(row['ours_int4_post_ms'])} {us(row['ours_int4_pre_ms'])} {us(row.get('ours_kivi_ms'))} "
+                print(f"{cname:18s} {B:4d} {ctx:6d} {us(sd[be])} {be:>6s} {us(row.get('ours_bf16_ms'))} "
+                      f"{us(row.get('ours_int4_post_ms'))} {us(row.get('ours_int4_pre_ms'))} "
+                      f"{us(row.get('ours_kivi_ms'))} "
                       f"{row['speedup_int4_post'] or 0:6.2f} {row['speedup_int4_pre'] or 0:6.2f} "
                       f"{row.get('speedup_kivi') or 0:6.2f} {row['int4_post_tbs'] or 0:9.2f} {err:8.1e}",
                       flush=True)
                 torch.cuda.empty_cache()
                 if args.json:  # after every case, so a run cut short by a time limit still leaves its rows
                     write_json(args.json, rows, None)
-    barred = [r for r in rows if r["context"] >= 4096 and r["batch"] >= 8 and r["speedup_int4_post"]]
+    barred = [r for r in rows if r["context"] >= 4096 and r["batch"] >= 8]
 
     def span(key):
         vals = [r[key] for r in barred if r.get(key)]

@@ -455,7 +455,19 @@ def merge_splits_ref(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 # The CUDA-core kernel's launch on a GPU when a call names none (benchmarks/NOTES.md, KV section: the fastest
 # measured on the H200): tokens per program step, warps per program, pipeline stages, programs the splits aim at.
-CORE_CONFIG = dict(block_n=16, num_warps=1, num_stages=3, programs=4224)
+CORE_CONFIG = dict(block_n=16, num_warps=1, num_stages=3, programs=4224, rope_fp16=True)
+
+
+def _fp16_table(table: torch.Tensor) -> torch.Tensor:
+    """table rounded to float16, made once per table object and kept on it (a decoder holds one table; a CUDA graph
+    that captured the call keeps pointing at the same copy); remade if the table was written in place since."""
+    if table.dtype == torch.float16:
+        return table
+    kept = getattr(table, "_atom_fp16_copy", None)
+    if kept is None or kept[0] != table._version:
+        kept = (table._version, table.to(torch.float16))
+        table._atom_fp16_copy = kept
+    return kept[1]
 
 
 def default_variant(core_ok: bool) -> str:
@@ -469,7 +481,7 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
                            num_warps: int | None = None, key_tokens: int | None = None,
                            window: tuple | None = None, variant: str | None = None,
                            unpack_asm: bool | None = None, num_stages: int | None = None,
-                           programs: int | None = None) -> torch.Tensor:
+                           programs: int | None = None, rope_fp16: bool | None = None) -> torch.Tensor:
     """Triton split-KV decode attention; same arguments and result as paged_decode_attention_ref (float32 out).
 
     rope: (inv_freq, scaling) or (inv_freq, scaling, table): table = rope_table(inv_freq, scaling, n), n >=
@@ -486,6 +498,8 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     unpack_asm: INT4 codes -> float16 through inline PTX (default on a GPU; the interpreter cannot run it).
     num_stages: software-pipelining depth of the token loop (Triton's pipeliner; default 3, Triton's own).
     programs: how many programs the splits aim at (default 1056, ~8 per SM of the H200; CORE_CONFIG's for "core").
+    rope_fp16: the CUDA-core kernel reads the cos | sin table rounded to float16 (relative 2^-11, inside the float16
+        bound the tests assert; converted once per table object and kept); default CORE_CONFIG's.
     """
     check_tensor(q, "q", (torch.float32, torch.float16, torch.bfloat16), dim=3)
     check_tensor(page_table, "page_table", torch.int32, dim=2)
@@ -531,6 +545,7 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
         raise ValueError(f"variant={variant!r}: use 'dot', or 'core' for an INT4 cache with one (scale, zero) per "
                          f"token-head, no KIVI keys or window, and one query head per KV head (here bits={bits}, "
                          f"group={G}, key_tokens={key_tokens}, {qpk} query heads per KV head).")
+    rope_fp16 = CORE_CONFIG["rope_fp16"] if rope_fp16 is None else bool(rope_fp16)
     if variant == "core" and not interpreting():
         block_n = block_n or max(2, CORE_CONFIG["block_n"] * 128 // D)  # the same bytes per thread at any head_dim
         num_warps = num_warps or CORE_CONFIG["num_warps"]
@@ -573,6 +588,8 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     lse = torch.empty(B, Hq, total, dtype=torch.float32, device=q.device)
     q = q.contiguous()
     if variant == "core":
+        if rope is not None and rope_fp16:  # half the table's bytes (read from L2 per token-head: 3.8x the codes)
+            table = _fp16_table(table)
         _decode_core_kernel[(B, Hkv, num_splits)](
             q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, table, o, lse, Hq, Hkv, max_pages,
             tokens_per_split, float(sm_scale), D=D, PAGE=page_size, BLOCK_N=block_n, ROPE=rope is not None,

@@ -108,6 +108,24 @@ def test_core_and_dot_kernels_match_ref(B, H, D, page, rope, cap, variant):
     assert (out - ref).abs().max() <= fp16_bound(q, kc, ksz, vc, vsz, 4, D ** -0.5)
 
 
+def test_core_fp16_rope_table():
+    """The CUDA-core kernel with the cos | sin table rounded to float16 stays inside the float16 bound, and the
+    rounded table is made once per table object (a CUDA graph keeps pointing at it)."""
+    from atom_lab.kernels.attention import _fp16_table
+    gen = torch.Generator().manual_seed(11)
+    lengths = [150, 7]
+    kc, ksz, vc, vsz, pt = make_cache(2, 2, 64, 4, 64, 16, lengths, gen)
+    q = torch.randn(2, 2, 64, generator=gen).to(DEV)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    inv = (1.0 / (10000.0 ** (torch.arange(0, 64, 2).float() / 64))).to(DEV)
+    tab = rope_table(inv, 1.0, 160)
+    ref = paged_decode_attention_ref(q, kc, ksz, vc, vsz, pt, lens, 4, 16, 0.125, (inv, 1.0))
+    out = paged_decode_attention(q, kc, ksz, vc, vsz, pt, lens, 4, 16, 0.125, (inv, 1.0, tab), variant="core",
+                                 rope_fp16=True)
+    assert (out - ref).abs().max() <= fp16_bound(q, kc, ksz, vc, vsz, 4, 0.125)
+    assert _fp16_table(tab) is _fp16_table(tab) and torch.equal(_fp16_table(tab), tab.half())
+
+
 @triton.jit
 def _unpack_kernel(b_ptr, lo_ptr, hi_ptr, ASM: tl.constexpr):
     i = tl.arange(0, 256)
