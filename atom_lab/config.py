@@ -199,6 +199,10 @@ class AtomConfig:
         quarot    QuaRot-style: randomised Hadamard rotation of the residual stream and of every down_proj input,
                   then INT4 groups of 64 without keepers, clip 0.85 / 0.9, GPTQ, INT4 KV cache.
         atom+rotation  both: the rotation, then Atom's 128 INT8 keeper channels on the rotated activations.
+        atom-g32  issue 15's W4A4 layers: the atom preset with groups of 32 instead of 64 (weights and activations)
+                  and the KV left to the cache (kv_bits=16): pair it with KVFormat(bits=4, key_tokens=32,
+                  rope="post") (KIVI keys) in the paged cache or simulate_kv. Chosen on calibration windows only
+                  (benchmarks/ablation_w4a4_select.py); 5.27 bits per weight on SmolLM2 against atom's 5.07.
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(PRESETS)}.")
@@ -221,6 +225,7 @@ PRESETS: dict[str, AtomConfig] = {
 }
 PRESETS["quarot"] = PRESETS["atom"].replace(keeper=0, sort_metric=None, rotation="hadamard", name="quarot")
 PRESETS["atom+rotation"] = PRESETS["atom"].replace(rotation="hadamard", name="atom+rotation")
+PRESETS["atom-g32"] = PRESETS["atom"].replace(group_size=32, kv_bits=16, name="atom-g32")
 
 
 def ablation_configs(group_size: int = 64, keeper: int = 128) -> list[AtomConfig]:

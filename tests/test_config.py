@@ -5,7 +5,7 @@ from atom_lab.config import PRESETS, AtomConfig, ablation_configs
 
 
 def test_presets_by_name():
-    assert list(PRESETS) == ["fp16", "w8a8", "w4a16", "w4a4-rtn", "atom", "quarot", "atom+rotation"]
+    assert list(PRESETS) == ["fp16", "w8a8", "w4a16", "w4a4-rtn", "atom", "quarot", "atom+rotation", "atom-g32"]
     atom = AtomConfig.preset("atom")
     assert (atom.w_bits, atom.a_bits, atom.group_size, atom.keeper, atom.keeper_bits) == (4, 4, 64, 128, 8)
     assert (atom.w_clip, atom.a_clip, atom.sort_metric, atom.gptq, atom.kv_bits) == (0.85, 0.9, "hessian", True, 4)
