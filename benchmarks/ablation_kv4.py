@@ -16,6 +16,8 @@ the ~30 minutes of GPTQ.
 
     OMP_NUM_THREADS=1 python -m benchmarks.ablation_kv4 --cache /tmp/atom_w4a4_kv16 \
         --json benchmarks/results/ablation_smollm2_kv4.json
+    OMP_NUM_THREADS=1 python -m benchmarks.ablation_kv4 --preset atom-g32 --cache /tmp/atom_g32_kv16 \
+        --json benchmarks/results/ablation_smollm2_kv4_g32.json
 """
 from __future__ import annotations
 
@@ -44,13 +46,20 @@ CHUNK = 512
 
 
 def quantized_model(float_model, tok, calib, args):
-    """The atom preset's W4A4 layers with the KV left in float (the KV format is applied by simulate_kv)."""
+    """The preset's W4A4 layers with the KV left in float (the KV format is applied by simulate_kv)."""
     cache = Path(args.cache) if args.cache else None
     if cache is not None and (cache / "atom_lab.json").exists():
         t = time.time()
         model, _ = atom_lab.load_quantized(cache, device="cpu", backend="reference")
+        want = atom_lab.AtomConfig.preset(args.preset, kv_bits=16, gptq=not args.rtn).to_dict()
+        got = model.atom_config.to_dict()
+        diff = sorted(k for k in want if k != "name" and want[k] != got.get(k))
+        if diff:
+            raise SystemExit(f"--cache {cache} holds another config (fields {diff} differ from --preset "
+                             f"{args.preset}); use another --cache directory.")
         return model, {"loaded_from_cache": True, "load_s": round(time.time() - t, 1)}
-    cfg = atom_lab.AtomConfig.preset("atom", kv_bits=16, gptq=not args.rtn, name="atom W4A4 (KV in the cache format)")
+    cfg = atom_lab.AtomConfig.preset(args.preset, kv_bits=16, gptq=not args.rtn,
+                                     name=f"{args.preset} W4A4 (KV in the cache format)")
     t = time.time()
     model = quantize_model(copy.deepcopy(float_model), cfg, calibration=calib, tokenizer=tok, progress=False,
                            n_tokens=args.calib_tokens, seq_len=args.calib_seq_len)
@@ -101,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--select-windows", type=int, default=2, help="held-out calibration windows for the choice")
     ap.add_argument("--test-windows", type=int, default=None, help="default: the whole test split")
     ap.add_argument("--cache", default=None, help="directory for the quantized model (save_quantized)")
+    ap.add_argument("--preset", default="atom", choices=["atom", "atom-g32"],
+                    help="the W4A4 layers (atom-g32: chosen by benchmarks/ablation_w4a4_select.py)")
     ap.add_argument("--rtn", action="store_true", help="round-to-nearest instead of GPTQ (a quick check only)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -149,7 +160,7 @@ def main(argv=None) -> int:
     out["chosen"] = {"kv": chosen, "format": fmt.name, "key_tokens": fmt.key_tokens, "rope": fmt.rope,
                      "kv_bytes_per_token": kv_bytes_per_token(model, fmt),
                      "kv_float_tokens_per_sequence": fmt.window_capacity,
-                     "name": "atom W4A4 + " + chosen}
+                     "name": f"{args.preset} W4A4 + " + chosen}
     print(f"chosen on the calibration split: {chosen}", flush=True)
 
     test = eval_windows(tok, corpus["test"]["text"], args.seq_len, args.test_windows)
