@@ -69,7 +69,7 @@ FP8_DIV = ["a8", "saT", "ka", "ska", "w8", "swT", "kw", "skw", "out", "res", "M"
 def fused(BX, BY, split, nw, ns, G=128, y8=False, asm=None):
     """The fused kernel; y8=True: its "fused8" mode (y = INT8 codes, y's scales transposed: sys = 1)."""
     ce = dict(GROUP=G, BX=BX, BY=BY, GROUP_X=8, SPLIT=split, HAS_RES=False, KPC=64, Y8=y8, sxg=1,
-              ASM=y8 if asm is None else asm)  # as the launchers: fused8 uses the inline-PTX unpack
+              ASM=True if asm is None else asm)  # as the GPU launchers: the inline-PTX nibble shift
     sig, div = dict(FUSED_SIG), list(FUSED_DIV)
     if y8:
         sig["y4"] = "*i8"

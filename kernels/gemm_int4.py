@@ -1,8 +1,12 @@
-"""Method "fused" of the W4A4 GEMM (kernels/gemm.py): one kernel, the INT4 bytes unpacked in registers to INT8.
+"""Methods "fused" and "fused8" of the W4A4 GEMM (kernels/gemm.py): one kernel, the INT4 bytes unpacked in registers
+to INT8.
 
 It runs on every GPU and in the CPU interpreter. The unpack is two bit operations per byte because it keeps each
 nibble in the high half of an int8 (value * 16): `byte << 4` is the low value * 16, `byte & 0xF0` the high value * 16.
-The int8 tensor-core dot then carries a factor 256, folded into the scales (an exact power of two).
+The int8 tensor-core dot then carries a factor 256, folded into the scales (an exact power of two). On a GPU the
+shift runs as inline PTX on four bytes per register (_lo_x16); the interpreter runs the plain shift (the same bits).
+"fused8" (bottom of this file) first unpacks the activations to INT8 codes in one small launch, so that the kernel's
+token operand goes from the copy straight to the tensor cores (its Y8 mode); it is the H200's choice at 65-256 tokens.
 Small M swaps the operands (weights take the 64/128-row side of the tensor-core tile, the few tokens the 16-row side)
 and splits K in one launch (fp32 partials, a counter per tile, the last program to arrive sums) so that every SM
 streams weights. On the GPU triton.autotune picks tile, split-K factor and stages per (shape, power-of-two M) among
