@@ -356,11 +356,11 @@ def _launch_fused8(w: PackedAtom, a: PackedAtom, out: torch.Tensor, residual, BX
 
 
 # GPU candidates of "fused8" by token count: (max M, [(BX, BY, SPLIT, num_stages)]), the first one the untuned
-# default. The token tile BY is tuned too: for M = 64-256 a narrower token
-# tile (BY < M) or split-K gives the 132 SMs 2-8x more programs than N / BX alone (the fused kernel's classes fix
-# BY = 64 / 128 there).
-# Offered only where the sm_90 compile (benchmarks/aot_check.py) shows no or little spilling: BX = 128 with BY >= 64,
-# and BY = 128 with split 4, spill 88-664 B of stack.
+# default. The token tile BY is tuned too: for M = 64-256 a narrower token tile (BY < M) or split-K gives the 132 SMs
+# 2-8x more programs than N / BX alone (the fused kernel's classes fix BY = 64 / 128 there). Offered only where the
+# sm_90 compile (benchmarks/aot_check.py) shows little or no spilling: BX = 128 with BY >= 64, and BY = 128 with
+# split 4, spill 88-664 B of stack. Chosen on the H200 (results/gemm_h200_band.json): BY = 16-64 with split 1-4 at
+# M = 64, BY = 64-128 with split 1-2 at 128-256.
 FUSED8_CLASSES = [
     (16, [(64, 16, 4, 4), (64, 16, 2, 4), (64, 16, 8, 4), (128, 16, 2, 4), (128, 16, 4, 4)]),
     (64, [(64, 64, 2, 4), (64, 64, 1, 4), (64, 64, 4, 4), (64, 32, 1, 4), (64, 32, 2, 4), (64, 32, 4, 4),
