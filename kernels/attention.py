@@ -9,8 +9,9 @@ Decode (one query token per sequence), flash-decoding in two stages:
   stage 2, one program per (sequence, query head): merge the splits: out = sum_s exp(lse_s - LSE) out_s.
 Two stage-1 kernels: _decode_split_kernel (tensor cores, tl.dot: every format, GQA) and _decode_core_kernel (CUDA
 cores, float32: INT4 with one (scale, zero) per token-head and ONE query head per KV head, where tl.dot would pad
-that one row to 16 and convert each tile through shared memory). On the H200 (benchmarks/NOTES.md, KV section) the
-CUDA-core kernel ran MHA INT4 1.5-1.9x faster than the tensor-core one; the wrapper picks it when it applies.
+that one row to 16 and convert each tile through shared memory). On the H200 (benchmarks/NOTES.md, KV section),
+Llama-2-7B INT4 post-RoPE: CUDA-core 1.45-1.92x of cuDNN bf16 SDPA, tensor-core 0.81-1.01x in the same run; the
+wrapper picks the CUDA-core kernel whenever it applies.
 Prefill: the library's SDPA (torch.nn.functional.scaled_dot_product_attention, causal) over the sequence's K/V as
 read back from the cache (what the float simulation of the same KV format computes), or over the fresh float K/V
 of the chunk (Atom's choice); see atom_lab.kv_cache.
@@ -364,7 +365,8 @@ def _decode_core_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_ptr
     # keeps the bytes it loaded: byte j of a token row holds channels j (low nibble) and j + D/2 (high nibble), so
     #   scores  s_t * (q . c_t - z_t * sum(q))            (post-RoPE: products + a sum over the row's 4 threads)
     #           s_t * sum_j (c - z)_j qa_tj + (c - z)_{j+D/2} qb_tj, qa = q_lo cos + q_hi sin, qb = q_hi cos -
-    #           q_lo sin (pre-RoPE: R_t^T applied to q instead of R_t to K, all in float32: the same function)
+    #           q_lo sin (pre-RoPE: R_t^T applied to q instead of R_t to K, in float32; the cos | sin table is the
+    #           reference's, read as float16 by default (rope_fp16: half its L2 bytes, which bound this loop))
     #   output  sum_t p_t s_t c_t - sum_t p_t s_t z_t, accumulated per (row slot, channel) in a [BLOCK_N, D] float32
     #           tile and summed over its rows once at the end (no cross-thread reduction per tile).
     # Everything after the exact integer codes is float32 (more accurate than the float16 operands of tl.dot).
