@@ -96,6 +96,40 @@ def window_stats(float_model, model, fmt, ids):
     return s
 
 
+@torch.no_grad()
+def triton_check(args) -> int:
+    """--triton-check: the --cache model on the reference backend, the same in float64, and on the triton backend
+    (the CPU runs the kernels under the Triton interpreter), with the chosen KV format, on the first test window of
+    --triton-check tokens: perplexity and KL against the reference, as README's issue-5 check of the atom preset."""
+    if not (args.cache and (Path(args.cache) / "atom_lab.json").exists()):
+        raise SystemExit("--triton-check needs --cache DIR holding the quantized model (run without it first).")
+    fmt = CANDIDATES[args.kv]
+    _, tok = atom_lab.load_model("smollm2-135m", dtype=torch.float32, device="cpu")
+    ids = eval_windows(tok, atom_lab.load_corpus("wiki")["test"]["text"], args.triton_check, 1)
+    out = {"command": "python -m benchmarks.ablation_kv4 " + " ".join(sys.argv[1:]), "kv": args.kv,
+           "tokens": ids.shape[1], "environment": atom_lab.environment(), "rows": {}}
+    logits = {}
+    runs = (("reference", torch.float32, "reference"), ("reference float64", torch.float64, "reference"),
+            ("triton", torch.float32, "triton"))
+    for name, dtype, backend in runs:
+        t = time.time()
+        model, _ = atom_lab.load_quantized(args.cache, device="cpu", backend=backend)
+        if dtype != torch.float32:  # the reference's w_ref and float tensors (the triton backend needs fp16 scales)
+            model.to(dtype)
+        with simulate_kv(model, fmt):
+            logits[name] = model(ids, use_cache=False).logits[0, :-1].double()
+        nll = F.cross_entropy(logits[name], ids[0, 1:], reduction="sum").item()
+        ref = logits["reference"]
+        out["rows"][name] = {"ppl": math.exp(nll / (ids.shape[1] - 1)), "seconds": round(time.time() - t, 1),
+                             "kl_vs_reference": F.kl_div(F.log_softmax(logits[name], -1), F.log_softmax(ref, -1),
+                                                         log_target=True, reduction="batchmean").item(),
+                             "top1_vs_reference": (logits[name].argmax(-1) == ref.argmax(-1)).double().mean().item()}
+        print(name, out["rows"][name], flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
 def summary(acc):
     f, q, kl, agree, n = acc
     return {"windows_done": None, "predicted_tokens": n, "float_ppl": ppl(f, n), "ppl": ppl(q, n),
@@ -114,7 +148,13 @@ def main(argv=None) -> int:
                     help="the W4A4 layers (atom-g32: chosen by benchmarks/ablation_w4a4_select.py)")
     ap.add_argument("--rtn", action="store_true", help="round-to-nearest instead of GPTQ (a quick check only)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--triton-check", type=int, default=None, metavar="TOKENS",
+                    help="only compare the --cache model on both backends on the first test window of TOKENS tokens")
+    ap.add_argument("--kv", default="INT4, KIVI keys per channel / 32 tokens, post-RoPE", choices=list(CANDIDATES),
+                    help="the KV format of --triton-check")
     args = ap.parse_args(argv)
+    if args.triton_check:
+        return triton_check(args)
     torch.manual_seed(0)
     t0 = time.time()
     float_model, tok = atom_lab.load_model("smollm2-135m", dtype=torch.float32, device="cpu")
