@@ -189,17 +189,23 @@ def _steps(p: PackedAtom) -> int:
     return p.q4.shape[1] // (p.group_size // 2 if p.group_size >= 64 else 32)
 
 
+def _split_k(x: PackedAtom, y: PackedAtom, out: torch.Tensor, BX: int, BY: int, split: int):
+    """(split clamped to the K steps, output tiles, the fp32 split-K workspace [split, x rows, y rows] and the
+    per-tile counters; both just `out` when split == 1) for a launch of _w4a4_fused_kernel."""
+    split = max(1, min(split, _steps(x)))
+    tiles = triton.cdiv(x.rows, BX) * triton.cdiv(y.rows, BY)
+    if split == 1:
+        return split, tiles, out, out
+    ws = torch.empty(split, x.rows, y.rows, dtype=torch.float32, device=out.device)
+    return split, tiles, ws, _tile_counters(out.device, tiles)
+
+
 def _launch_fused(x: PackedAtom, y: PackedAtom, out: torch.Tensor, residual, swap: bool,
                   BX: int, BY: int, split: int, num_warps: int, num_stages: int, group_x: int = 8,
                   asm: bool | None = None) -> None:
     """One explicit configuration: out[i, j] over x rows i, y rows j; swap=True writes out[j, i] (x = weights,
     y = tokens). asm: the inline-PTX nibble shift (_lo_x16; default: on a GPU), False: LLVM's byte shifts."""
-    split = max(1, min(split, _steps(x)))
-    tiles = triton.cdiv(x.rows, BX) * triton.cdiv(y.rows, BY)
-    ws = counters = out
-    if split > 1:
-        ws = torch.empty(split, x.rows, y.rows, dtype=torch.float32, device=out.device)
-        counters = _tile_counters(out.device, tiles)
+    split, tiles, ws, counters = _split_k(x, y, out, BX, BY, split)
     _w4a4_fused_kernel[(tiles, split)](
         *_fused_args(x, y, out, residual, swap, ws, counters),
         GROUP=x.group_size, BX=BX, BY=BY, GROUP_X=group_x, SPLIT=split, HAS_RES=residual is not None, KPC=64,
@@ -343,12 +349,7 @@ def _launch_fused8(w: PackedAtom, a: PackedAtom, out: torch.Tensor, residual, BX
                    num_warps: int, num_stages: int, codes=None) -> None:
     """One explicit configuration of "fused8" (weights = x, tokens = y as INT8 codes, out[j, i] written)."""
     codes = activation_codes(a) if codes is None else codes
-    split = max(1, min(split, _steps(w)))
-    tiles = triton.cdiv(w.rows, BX) * triton.cdiv(a.rows, BY)
-    ws = cnt = out
-    if split > 1:
-        ws = torch.empty(split, w.rows, a.rows, dtype=torch.float32, device=out.device)
-        cnt = _tile_counters(out.device, tiles)
+    split, tiles, ws, cnt = _split_k(w, a, out, BX, BY, split)
     _w4a4_fused_kernel[(tiles, split)](
         *_fused_args(w, a, out, residual, True, ws, cnt, y8=codes),
         GROUP=w.group_size, BX=BX, BY=BY, GROUP_X=8, SPLIT=split, HAS_RES=residual is not None, KPC=64, Y8=True,

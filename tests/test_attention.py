@@ -156,12 +156,16 @@ def test_asm_unpack_is_the_triton_twin():
         assert torch.equal(a, t), variant
 
 
-def test_decode_variant_errors():
-    q = torch.randn(1, 4, 64, device=DEV)
+def _one_page(Hq: int):
+    """q [1, Hq, 64] over an empty INT4 cache of one 32-token page with 2 KV heads: (q, codes, pairs, table, lengths)."""
+    q = torch.randn(1, Hq, 64, device=DEV)
     kc = torch.zeros(32, 2, 32, dtype=torch.uint8, device=DEV)
     sz = torch.zeros(32, 2, 1, 2, dtype=torch.float16, device=DEV)
-    pt = torch.zeros(1, 1, dtype=torch.int32, device=DEV)
-    ln = torch.ones(1, dtype=torch.int32, device=DEV)
+    return q, kc, sz, torch.zeros(1, 1, dtype=torch.int32, device=DEV), torch.ones(1, dtype=torch.int32, device=DEV)
+
+
+def test_decode_variant_errors():
+    q, kc, sz, pt, ln = _one_page(4)
     with pytest.raises(ValueError, match="one query head per KV head"):  # GQA 4/2 has no CUDA-core kernel
         paged_decode_attention(q, kc, sz, kc, sz, pt, ln, 4, 32, 1.0, variant="core")
     with pytest.raises(ValueError, match="variant='fast'"):
@@ -212,11 +216,7 @@ def test_prefill_attention_is_causal():
 
 
 def test_decode_errors():
-    q = torch.randn(1, 3, 64, device=DEV)
-    kc = torch.zeros(32, 2, 32, dtype=torch.uint8, device=DEV)
-    sz = torch.zeros(32, 2, 1, 2, dtype=torch.float16, device=DEV)
-    pt = torch.zeros(1, 1, dtype=torch.int32, device=DEV)
-    ln = torch.ones(1, dtype=torch.int32, device=DEV)
+    q, kc, sz, pt, ln = _one_page(3)
     with pytest.raises(ValueError, match="not a multiple"):
         paged_decode_attention(q, kc, sz, kc, sz, pt, ln, 4, 32, 1.0)
     with pytest.raises(TypeError, match="int32"):
