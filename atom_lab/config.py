@@ -244,9 +244,11 @@ def ablation_configs(group_size: int = 64, keeper: int = 128) -> list[AtomConfig
 
 
 def rotation_configs(group_size: int = 64, keeper: int = 128) -> list[AtomConfig]:
-    """The rotation rows of the ablation (issue 15): QuaRot-style (rotation + groups + clip + GPTQ, no keepers) and
-    Atom + rotation (both), each with a float and with an INT4 KV cache."""
+    """The rows of the ablation issue 15 added: QuaRot-style (rotation + groups + clip + GPTQ, no keepers) and
+    Atom + rotation (both), each with a float and with an INT4 KV cache; then the atom-g32 W4A4 layers (groups of 32
+    whatever group_size says: that is the row's point; its KIVI KV cache is benchmarks/ablation_kv4.py's row)."""
     quarot = AtomConfig.preset("quarot", group_size=group_size)
     both = AtomConfig.preset("atom+rotation", group_size=group_size, keeper=keeper)
     return [quarot.replace(kv_bits=16, name="quarot W4A4"), quarot.replace(name="quarot W4A4-KV4"),
-            both.replace(kv_bits=16, name="atom+rotation W4A4"), both.replace(name="atom+rotation W4A4-KV4")]
+            both.replace(kv_bits=16, name="atom+rotation W4A4"), both.replace(name="atom+rotation W4A4-KV4"),
+            AtomConfig.preset("atom-g32", keeper=keeper, name="atom-g32 W4A4")]

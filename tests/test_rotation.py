@@ -311,7 +311,8 @@ def test_rotation_presets_and_rows():
     assert (q.rotation, q.keeper, q.sort_metric, q.gptq, q.kv_bits, q.group_size) == ("hadamard", 0, None, True, 4, 64)
     assert b == AtomConfig.preset("atom", rotation="hadamard", name="atom+rotation")
     names = [c.name for c in rotation_configs()]
-    assert names == ["quarot W4A4", "quarot W4A4-KV4", "atom+rotation W4A4", "atom+rotation W4A4-KV4"]
+    assert names == ["quarot W4A4", "quarot W4A4-KV4", "atom+rotation W4A4", "atom+rotation W4A4-KV4", "atom-g32 W4A4"]
+    assert rotation_configs()[-1] == AtomConfig.preset("atom", group_size=32, kv_bits=16, name="atom-g32 W4A4")
 
 
 @pytest.mark.parametrize("preset", ["quarot", "atom+rotation"])
