@@ -14,6 +14,7 @@ Printed and written: wall time, the sum of GPU kernel time, the host time that i
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -46,9 +47,9 @@ def _profiled_step(eng, cuda: bool, top: int, prefill: bool) -> dict:
         bench._sync()
         wall = 1e3 * (time.perf_counter() - t0)
     gpu_ms, kernels = _kernel_table(prof, top) if cuda else (None, [])
-    return {"batch": len(batch), "tokens": sum(len(s.prompt) for s in batch) if prefill else len(batch), "wall_ms": wall,
-            "gpu_kernel_ms": gpu_ms, "host_not_hidden_ms": None if gpu_ms is None else wall - gpu_ms,
-            "top_kernels": kernels}
+    tokens = sum(len(s.prompt) for s in batch) if prefill else len(batch)
+    return {"batch": len(batch), "tokens": tokens, "wall_ms": wall, "gpu_kernel_ms": gpu_ms,
+            "host_not_hidden_ms": None if gpu_ms is None else wall - gpu_ms, "top_kernels": kernels}
 
 
 def profile_format(fmt: str, cfg: dict, seqs: int, prompt: int, cuda: bool, top: int) -> dict:
@@ -104,9 +105,10 @@ def main(argv=None):
             for k in p["top_kernels"]:
                 print(f"    {k['ms']:8.2f} ms {k['calls']:5d}x  {k['kernel']}")
     if args.json:
-        write_json(args.json, {"environment": atom_lab.environment(), "model": "llama-2-7b shapes, RANDOM weights" if cuda
-                               else "tiny random llama", "seqs": seqs, "prompt": prompt, "kv_rope": args.kv_rope,
-                               "command": "python -m benchmarks.serve_profile " + " ".join(argv or []),
+        model = "llama-2-7b shapes, RANDOM weights" if cuda else "tiny random llama"
+        write_json(args.json, {"environment": atom_lab.environment(), "model": model, "seqs": seqs, "prompt": prompt,
+                               "kv_rope": args.kv_rope, "command": "python -m benchmarks.serve_profile " +
+                               " ".join(argv if argv is not None else sys.argv[1:]),
                                "rows": rows})
 
 

@@ -26,7 +26,10 @@ FP8_MAX = 448.0
 
 def quantize_fp8_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x float [M, K] -> (FP8 e4m3 [M, K], fp32 scale [M, 1]) with x ~ codes * scale (one scale per row)."""
-    s = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    amax = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12)
+    # a tensor divisor, not the Python float: torch's CUDA division by a scalar multiplies by its rounded
+    # reciprocal (amax * fl(1/448) != amax / 448 for some amax), its CPU division does not; this is IEEE on both
+    s = amax / torch.full_like(amax, FP8_MAX)
     return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
 
 

@@ -54,6 +54,9 @@ def test_float_greedy_equals_transformers_generate(tiny, num_pages):
     assert eng.block_manager.num_free == eng.block_manager.num_pages
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton KV kernels on CPU tensors under the "
+                    "interpreter; on a GPU machine they compile for CUDA tensors only, and there the split count of "
+                    "the decode kernel follows the batch, so rows are not bit-equal across batch sizes")
 def test_quantized_batched_equals_one_at_a_time(tiny):
     # W4A4 (Atom's packed weights, simulated in float: the Triton W4A4 GEMM costs ~0.5 s a call in the CPU
     # interpreter and has its own tests) with an INT4 KV cache written and read by the Triton KV kernels.

@@ -111,10 +111,12 @@ def test_stored_fp8_weights_pass_through_to_the_gemm():
     from atom_lab.serve.model_runner import model_bytes, store_fp8_weights
 
     torch.manual_seed(0)
-    lin = torch.nn.Linear(256, 64, bias=False)
+    dev = atom_lab.default_device()  # the compiled kernels take CUDA tensors only
+    lin = torch.nn.Linear(256, 64, bias=False).to(dev)
     cfg = AtomConfig.preset("atom", gptq=False, group_size=128, keeper=128, w_clip=1.0, a_clip=1.0, kv_bits=16)
-    q = QuantLinear.from_linear(lin, cfg, reorder=torch.arange(256), inputs=torch.randn(64, 256), backend="triton")
-    x = torch.randn(3, 256)
+    q = QuantLinear.from_linear(lin, cfg, reorder=torch.arange(256, device=dev),
+                                inputs=torch.randn(64, 256, device=dev), backend="triton")
+    x = torch.randn(3, 256, device=dev)
     before, size0 = q(x), model_bytes(q)
     holder = torch.nn.Sequential(q)
     assert store_fp8_weights(holder) == 1 and store_fp8_weights(holder) == 0  # once per layer
@@ -130,8 +132,8 @@ def test_stored_fp8_weights_pass_through_to_the_gemm():
                     num_pages=4, fp8_weights=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the FP8 rows kernel runs on a GPU only (kernels/fp8_rows.py: "
-                    "the interpreter rounds e4m3 subnormals to zero; the CPU uses the reference)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the FP8 rows kernel runs on a GPU only (kernels/fp8_rows.py:"
+                    " the interpreter rounds e4m3 subnormals to zero; the CPU uses the reference)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_fp8_rows_kernel_equals_reference(dtype):
     from atom_lab.kernels.fp8_rows import quantize_fp8_rows as kernel
