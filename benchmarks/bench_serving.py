@@ -262,6 +262,10 @@ def main(argv=None):
                 try:
                     run(make_engine(model, kvb, 4, num_pages=4 * -(-(args.prompt + 2) // PAGE)),
                         [(args.prompt, 2)] * 4, capture_batches=[])
+                    # our kernels autotune per power-of-two token count: a prefill step of every such size once,
+                    # or the lognormal workload's packed prompts (any sum of lengths) tune inside its timed run
+                    for n in ([] if args.quick else [2 ** k for k in range(4, 13) if 2 ** k < STEP_TOKENS]):
+                        run(make_engine(model, kvb, 1, num_pages=-(-(n + 2) // PAGE)), [(n, 1)], capture_batches=[])
                 except Exception as e:
                     print(name, "WARMUP ERROR", e, flush=True)
                 warm = True
