@@ -15,7 +15,7 @@ import math
 import torch
 
 from atom_lab.kernels.attention import (gather_kv_ref, paged_decode_attention, paged_decode_attention_ref,
-                                        prefill_attention, rope_ref, rope_table)
+                                        prefill_attention, rope_ref, rope_table, sdpa_rows)
 from atom_lab.kernels.kv_cache import kv_write, kv_write_channel, kv_write_channel_ref, kv_write_ref
 from atom_lab.kv_cache import KVCacheFull, KVFormat, PagePool, PageTable
 from atom_lab.qlinear import QuantLinear
@@ -39,14 +39,6 @@ def _kv_outputs_unquantized(layers):
     finally:
         for m, b in saved:
             m.out_bits = b
-
-
-def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
-    """Causal self-attention of one whole prompt: q [T, Hq, D], k, v [T, Hkv, D] (one float dtype) -> [T, Hq, D]."""
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=sm_scale,
-        enable_gqa=q.shape[1] != k.shape[1])
-    return out[0].transpose(0, 1)
 
 
 def rope_at(inner, x: torch.Tensor, pos: torch.Tensor):
@@ -207,7 +199,7 @@ class PagedDecoder:
                             # read back from the cache, and it attends in the model's dtype with SDPA's causal flag
                             # (a mask would rule out its flash / cuDNN kernels: float32 with a mask took as long as
                             # all the prefill GEMMs of Llama-2-7B on the H200, benchmarks/serve_profile.py)
-                            out[a:b] = _causal_sdpa(q[a:b], k_rot[a:b], v[a:b], self.sm_scale)
+                            out[a:b] = sdpa_rows(q[a:b], k_rot[a:b], v[a:b], self.sm_scale)
                             continue
                         pages = torch.tensor(tables[i].pages, dtype=torch.int64, device=dev)
                         kk = gather_kv_ref(kc, ksz, fmt.bits, pages, new_len[i], pool.page_size)

@@ -118,13 +118,26 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
     q: [T, Hq, D]; k, v: [N, Hkv, D] (same float dtype as q) -> [T, Hq, D]. Query i sits at position N - T + i.
     mask: bool [T, N] which keys each query sees, instead of the causal one (a float window: atom_lab.paged_model).
     """
-    T, Hq, D = q.shape
-    N, Hkv = k.shape[0], k.shape[1]
+    T, N = q.shape[0], k.shape[0]
     if mask is None:
         i = torch.arange(T, device=q.device)[:, None] + (N - T)
         mask = torch.arange(N, device=q.device)[None, :] <= i  # [T, N]
+    return sdpa_rows(q, k, v, sm_scale, mask)
+
+
+def sdpa_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA on token-major tensors: q [T, Hq, D], k, v [N, Hkv, D] -> [T, Hq, D] (GQA when Hkv < Hq).
+
+    mask: bool [T, N]; None = SDPA's own causal flag, for a whole prompt (T == N): no mask tensor, so SDPA may
+    take its flash / cuDNN kernels (in float16 / bfloat16 on a GPU).
+    """
+    if mask is None and q.shape[0] != k.shape[0]:
+        raise ValueError(f"sdpa_rows without a mask is causal self-attention: q has {q.shape[0]} tokens, k "
+                         f"{k.shape[0]}; pass the mask (prefill_attention builds it).")
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         attn_mask=mask, scale=sm_scale, enable_gqa=Hq != Hkv)
+                                         attn_mask=mask, is_causal=mask is None, scale=sm_scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
     return out[0].transpose(0, 1)
 
 
@@ -596,21 +609,19 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
             q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, table, o, lse, Hq, Hkv, max_pages,
             tokens_per_split, float(sm_scale), D=D, PAGE=page_size, BLOCK_N=block_n, ROPE=rope is not None,
             NSPLIT=total, ASM=asm, STAGES=num_stages, num_warps=num_warps)
-        out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
-        _merge_kernel[(B * Hq,)](o, lse, out, D=D, NSPLIT=total, BLOCK_S=triton.next_power_of_2(total))
-        return out
-    common = dict(D=D, QPK=qpk, BLOCK_Q=max(16, triton.next_power_of_2(qpk)), BLOCK_N=block_n,
-                  ROPE=rope is not None, NSPLIT=total, num_warps=num_warps)
-    _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_codes, k_sz if k_sz is not None else k_codes, v_codes, v_sz if v_sz is not None else v_codes,
-        page_table, lengths, lengths if window is None else quant_len, table, o, lse, Hq, Hkv, max_pages,
-        tokens_per_split, float(sm_scale), 0, G=G, BITS=bits, PAGE=page_size, KEY_TG=key_tokens or 0, RING=False,
-        HAS_START=False, K_MODE=k_mode, V_MODE=v_mode, ASM=asm, num_stages=num_stages, **common)
-    if window is not None:  # the float ring: tokens [n_q, n) of each sequence
-        _decode_split_kernel[(B, Hkv, 1)](
-            q, k_win, k_win, v_win, v_win, win_ids[:, None], quant_len, lengths, table, o, lse, Hq, Hkv, 1,
-            win_tps, float(sm_scale), num_splits, G=D, BITS=16, PAGE=cap, KEY_TG=0, RING=True, HAS_START=True,
-            K_MODE=0, V_MODE=0, ASM=False, **common)
+    else:
+        common = dict(D=D, QPK=qpk, BLOCK_Q=max(16, triton.next_power_of_2(qpk)), BLOCK_N=block_n,
+                      ROPE=rope is not None, NSPLIT=total, num_warps=num_warps)
+        _decode_split_kernel[(B, Hkv, num_splits)](
+            q, k_codes, k_sz if k_sz is not None else k_codes, v_codes, v_sz if v_sz is not None else v_codes,
+            page_table, lengths, lengths if window is None else quant_len, table, o, lse, Hq, Hkv, max_pages,
+            tokens_per_split, float(sm_scale), 0, G=G, BITS=bits, PAGE=page_size, KEY_TG=key_tokens or 0,
+            RING=False, HAS_START=False, K_MODE=k_mode, V_MODE=v_mode, ASM=asm, num_stages=num_stages, **common)
+        if window is not None:  # the float ring: tokens [n_q, n) of each sequence
+            _decode_split_kernel[(B, Hkv, 1)](
+                q, k_win, k_win, v_win, v_win, win_ids[:, None], quant_len, lengths, table, o, lse, Hq, Hkv, 1,
+                win_tps, float(sm_scale), num_splits, G=D, BITS=16, PAGE=cap, KEY_TG=0, RING=True, HAS_START=True,
+                K_MODE=0, V_MODE=0, ASM=False, **common)
     out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
     _merge_kernel[(B * Hq,)](o, lse, out, D=D, NSPLIT=total, BLOCK_S=triton.next_power_of_2(total))
     return out

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from atom_lab.kernels.attention import (_nibbles_f16, merge_splits_ref, paged_decode_attention,
-                                        paged_decode_attention_ref, prefill_attention, rope_ref, rope_table)
+                                        paged_decode_attention_ref, prefill_attention, rope_ref, rope_table,
+                                        sdpa_rows)
 from atom_lab.kernels.kv_cache import dequantize_kv_ref, kv_write_ref
 
 DEV = atom_lab.default_device()
@@ -213,6 +214,15 @@ def test_prefill_attention_is_causal():
     k2 = k.clone()
     k2[4] += 10
     assert torch.equal(prefill_attention(q, k2, v, 0.5)[0], out[0])
+
+
+def test_sdpa_rows_causal_flag_is_the_causal_mask():
+    # a whole prompt (T == N): SDPA's own causal flag gives prefill_attention's masked result (float rounding)
+    q, k, v = torch.randn(6, 4, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    # each path rounds N = 6 softmax weights and a sum of 6 weighted values: a few N u of max|v| (u = 2^-24)
+    assert (sdpa_rows(q, k, v, 0.3) - prefill_attention(q, k, v, 0.3)).abs().max() <= 4 * 6 * 2 ** -24 * v.abs().max()
+    with pytest.raises(ValueError, match="pass the mask"):  # a chunk after a past needs the offset mask
+        sdpa_rows(q[:3], k, v, 0.3)
 
 
 def test_decode_errors():
