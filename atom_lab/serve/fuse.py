@@ -21,9 +21,9 @@ from atom_lab.qlinear import QuantLinear
 from atom_lab.serve.lowbit import FP8Linear
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
-# buffers with one row per output channel, stacked along dim 0
-ROW_BUFFERS = {QuantLinear: ("packed_q4", "packed_s4", "packed_q8", "packed_s8", "bias"),
-               FP8Linear: ("weight_fp8", "bias")}
+# the buffers of each layer type with one entry per output channel, and the dimension that runs over them
+OUTPUT_BUFFERS = {QuantLinear: {"packed_q4": 0, "packed_s4": 0, "packed_q8": 0, "packed_s8": 0, "bias": 0},
+                  FP8Linear: {"weight_fp8": 0, "weight_scale": 1, "bias": 0}}
 
 
 class Stacked(torch.nn.Module):
@@ -70,38 +70,33 @@ class Part(torch.nn.Module):
         return self._stacked[0].slice(x, self.i)
 
 
+@torch.no_grad()
 def _stack_linear(layers: list[torch.nn.Module]) -> torch.nn.Module | None:
     """One module computing the layers' outputs side by side, of the same kind as they are, or None."""
     first = layers[0]
     if any(type(m) is not type(first) or getattr(m, "out_bits", 16) < 16 for m in layers):
         return None
-    def cat(name, dim=0):
-        return torch.cat([getattr(m, name) for m in layers], dim=dim)
-
-    bias = None if first.bias is None else cat("bias")
     if type(first) is torch.nn.Linear:
-        w = cat("weight")
-        out = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            out.weight.copy_(w)
-            if bias is not None:
-                out.bias.copy_(bias)
+        w = torch.cat([m.weight for m in layers])
+        out = torch.nn.Linear(w.shape[1], w.shape[0], bias=first.bias is not None, device=w.device, dtype=w.dtype)
+        out.weight.copy_(w)
+        if first.bias is not None:
+            out.bias.copy_(torch.cat([m.bias for m in layers]))
         return out.requires_grad_(False)
-    if isinstance(first, FP8Linear):
-        out = copy.copy(first)
-        out._buffers = dict(first._buffers, weight_fp8=cat("weight_fp8"), weight_scale=cat("weight_scale", 1),
-                            bias=bias)
-        out.out_features = out._buffers["weight_fp8"].shape[0]
-        return out
-    if isinstance(first, QuantLinear) and first.is_packed and first.backend == "triton" and all(
+    if isinstance(first, QuantLinear) and not (first.is_packed and first.backend == "triton" and all(
             m.shared_input is first.shared_input and torch.equal(m.kernel_index, first.kernel_index)
-            for m in layers):
-        out = copy.copy(first)  # same reorder, group, keeper, clip and SharedInput: the one quantized activation
-        out._buffers = dict(first._buffers, bias=bias, **{n: cat(n) for n in ROW_BUFFERS[QuantLinear][:-1]})
-        out.out_features = out._buffers["packed_q4"].shape[0]
+            for m in layers)):
+        return None  # stacked, they must read one quantized activation: same reorder, group, keeper, clip
+    if type(first) not in OUTPUT_BUFFERS:
+        return None
+    out = copy.copy(first)  # the same module with its per-output-channel buffers stacked
+    out._buffers = dict(first._buffers, **{n: torch.cat([m._buffers[n] for m in layers], dim=d)
+                                           for n, d in OUTPUT_BUFFERS[type(first)].items()
+                                           if first._buffers.get(n) is not None})
+    out.out_features = sum(m.out_features for m in layers)
+    if isinstance(first, QuantLinear):
         out.name = "+".join(m.name.rsplit(".", 1)[-1] for m in layers)
-        return out
-    return None
+    return out
 
 
 @torch.no_grad()
@@ -127,11 +122,9 @@ def fuse_projections(model) -> int:
 
 
 def _share_rows(m: torch.nn.Module, stacked: torch.nn.Module, r0: int, r1: int) -> None:
-    """Point an original layer's row buffers at its rows of the stacked ones (views: no second copy in memory).
-    The W4A4 backend keeps references to the originals (the fused RMSNorm reads their reorder index, FusedMLP its
-    unfused module), which would otherwise hold the weights twice."""
-    for name in ROW_BUFFERS.get(type(m), ()):
+    """Point an original layer's per-output-channel buffers at its part of the stacked ones (views: no second copy
+    in memory). The W4A4 backend keeps references to the originals (the fused RMSNorm reads their reorder index,
+    FusedMLP its unfused module), which would otherwise hold the weights twice."""
+    for name, dim in OUTPUT_BUFFERS.get(type(m), {}).items():
         if m._buffers.get(name) is not None:
-            m._buffers[name] = stacked._buffers[name][r0:r1]
-    if isinstance(m, FP8Linear):  # [1, N]: one column per output row
-        m._buffers["weight_scale"] = stacked.weight_scale[:, r0:r1]
+            m._buffers[name] = stacked._buffers[name].narrow(dim, r0, r1 - r0)

@@ -95,8 +95,9 @@ class ModelRunner:
             at most the pool); longer sequences decode eagerly.
         fp8_weights: keep each packed W4A4 weight also as the library's FP8 operand and pass it to w4a4_gemm
             (w_fp8=), which then takes cuBLASLt's blockwise FP8 GEMM from M = 64 on SM90 (store_fp8_weights).
-        fuse_projections: stack q/k/v and gate/up into one GEMM each (serve/fuse.py); default on a GPU, where
-            it fills more of the device at decode batch sizes, off on the CPU (op for op the model as given).
+        fuse_projections: stack q/k/v and gate/up into one GEMM each, in the model itself (serve/fuse.py: the
+            layers become Parts of one stacked layer, same bytes); default on a GPU, where it fills more of the
+            device at decode batch sizes, off on the CPU (op for op the model as given).
         prefill: how a prompt attends (PagedDecoder's prefill=): "fresh" (default, as Atom's engine: SDPA over the
             prompt's own float K/V, which are quantized into the pages as they are written, and no read-back of a
             whole prompt's cache) or "cache" (over the K/V as stored: what teacher-forced perplexity through the
