@@ -158,7 +158,7 @@ def test_asm_unpack_is_the_triton_twin():
 
 
 def _one_page(Hq: int):
-    """q [1, Hq, 64] over an empty INT4 cache of one 32-token page with 2 KV heads: (q, codes, pairs, table, lengths)."""
+    """q [1, Hq, 64] over an empty INT4 cache, one 32-token page, 2 KV heads: (q, codes, pairs, table, lengths)."""
     q = torch.randn(1, Hq, 64, device=DEV)
     kc = torch.zeros(32, 2, 32, dtype=torch.uint8, device=DEV)
     sz = torch.zeros(32, 2, 1, 2, dtype=torch.float16, device=DEV)
@@ -220,7 +220,8 @@ def test_sdpa_rows_causal_flag_is_the_causal_mask():
     # a whole prompt (T == N): SDPA's own causal flag gives prefill_attention's masked result (float rounding)
     q, k, v = torch.randn(6, 4, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
     # each path rounds N = 6 softmax weights and a sum of 6 weighted values: a few N u of max|v| (u = 2^-24)
-    assert (sdpa_rows(q, k, v, 0.3) - prefill_attention(q, k, v, 0.3)).abs().max() <= 4 * 6 * 2 ** -24 * v.abs().max()
+    err = (sdpa_rows(q, k, v, 0.3) - prefill_attention(q, k, v, 0.3)).abs().max()
+    assert err <= 4 * 6 * 2 ** -24 * v.abs().max()
     with pytest.raises(ValueError, match="pass the mask"):  # a chunk after a past needs the offset mask
         sdpa_rows(q[:3], k, v, 0.3)
 
