@@ -116,7 +116,8 @@ def _kv_write_kernel(x_ptr, slot_ptr, codes_ptr, sz_ptr, T, H, D: tl.constexpr, 
         tl.store(codes_ptr + (row[:, None, None] * D) + g3 * G + c3, q, mask=m3)
 
 
-def check_kv_rows(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, name: str = "x") -> None:
+def check_kv_rows(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, name: str = "x",
+                  check_finite: bool = True) -> None:
     check_tensor(x, name, FLOAT_DTYPES, dim=3)
     check_tensor(slots, "slots", (torch.int32, torch.int64), dim=1)
     if slots.shape[0] != x.shape[0]:
@@ -124,15 +125,18 @@ def check_kv_rows(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, nam
     if x.device != codes.device or slots.device != codes.device:
         raise ValueError(f"{name} ({x.device}), slots ({slots.device}) and the cache ({codes.device}) must be on one "
                          "device; move them with .to(pool.device).")
-    if not torch.isfinite(x).all():
+    # the finiteness check reads a flag back to the host: a sync per call. A model's step (PagedDecoder) skips it
+    # on a GPU and checks its logits once instead, which any NaN/inf K or V row reaches through the attention
+    if check_finite and not torch.isfinite(x).all():
         raise ValueError(f"{name} holds NaN or inf values; the cache cannot quantize them (check the model's "
                          "activations).")
 
 
 def kv_write(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor | None,
-             bits: int, group_size: int) -> None:
-    """Triton quantize-and-write; same arguments and result as kv_write_ref (bit-exact codes and scales)."""
-    check_kv_rows(x, slots, codes)
+             bits: int, group_size: int, check_finite: bool = True) -> None:
+    """Triton quantize-and-write; same arguments and result as kv_write_ref (bit-exact codes and scales).
+    check_finite=False skips the NaN/inf check of x (a device-to-host sync); the caller then checks downstream."""
+    check_kv_rows(x, slots, codes, check_finite=check_finite)
     if bits >= 16:
         kv_write_ref(x, slots, codes, sz, bits, group_size)  # a plain scatter: nothing to quantize
         return

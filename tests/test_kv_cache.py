@@ -88,6 +88,21 @@ def test_write_errors():
         kv_write(x, torch.zeros(2, dtype=torch.long), codes, sz, 4, 64)
     with pytest.raises(TypeError, match="dtype"):
         kv_write(x.long(), torch.zeros(2, dtype=torch.long), codes, sz, 4, 64)
+    kv_write(x.to(DEV), torch.zeros(2, dtype=torch.long, device=DEV), codes.to(DEV), sz.to(DEV), 4, 64,
+             check_finite=False)  # the caller checks downstream (PagedDecoder: its logits)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "reference"])
+def test_decoder_step_refuses_nan(kernels):
+    """A NaN in one layer's weights is caught in the step that meets it, whether the K/V write checks its rows
+    (triton kernels on the CPU) or the step checks its logits once (on a GPU, and for the reference write)."""
+    model, _ = atom_lab.tiny_model("llama", seed=0)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[3, 5] = float("nan")
+    pool = PagePool.for_model(model, KVFormat(bits=4), page_size=16, num_pages=4)
+    dec = PagedDecoder(model, pool, kernels=kernels)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        dec.step([PageTable(pool)], [torch.arange(20)])
 
 
 def test_quantize_kv_ref_by_hand():

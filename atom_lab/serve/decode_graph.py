@@ -31,7 +31,7 @@ import triton
 from atom_lab.kernels._common import interpreting
 from atom_lab.kernels.attention import paged_decode_attention, paged_decode_attention_ref
 from atom_lab.kernels.kv_cache import _kv_write_kernel, kv_write_ref
-from atom_lab.paged_model import PagedDecoder, _kv_outputs_unquantized, rope_at
+from atom_lab.paged_model import PagedDecoder, _kv_outputs_unquantized, check_logits, rope_at
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -229,9 +229,12 @@ class StaticDecoder:
         self._fill(pages, positions, tokens, B)
         if not self.graphs_on:
             self.eager_steps += 1
-            return self.forward(B)[:b]
-        if B not in self.graphs:
-            self._capture(B)  # its warm-up steps write this step's K/V rows too: the same values, harmless
-        self.graphs[B].replay()
-        self.replays += 1
-        return self.outputs[B][:b]
+            logits = self.forward(B)[:b]
+        else:
+            if B not in self.graphs:
+                self._capture(B)  # its warm-up steps write this step's K/V rows too: the same values, harmless
+            self.graphs[B].replay()
+            self.replays += 1
+            logits = self.outputs[B][:b]
+        check_logits(logits)  # the K/V writes inside a graph are unchecked (no read-back can be captured)
+        return logits
