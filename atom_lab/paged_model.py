@@ -18,6 +18,7 @@ import torch
 from atom_lab.kernels.attention import (gather_kv_ref, paged_decode_attention, paged_decode_attention_ref,
                                         prefill_attention, rope_ref, rope_table, sdpa_rows)
 from atom_lab.kernels.kv_cache import kv_write, kv_write_channel, kv_write_channel_ref, kv_write_ref
+from atom_lab.kernels.rope import apply_rope_, apply_rope_ref
 from atom_lab.kv_cache import KVCacheFull, KVFormat, PagePool, PageTable
 from atom_lab.qlinear import QuantLinear
 from atom_lab.quantizers import fake_quantize_asymmetric
@@ -50,18 +51,22 @@ def check_logits(logits: torch.Tensor) -> None:
                          "the cache in this step) are not finite; check the weights and the inputs.")
 
 
-def rope_at(inner, x: torch.Tensor, pos: torch.Tensor):
-    """HF's apply_rotary_pos_emb for one flat batch of tokens: x [1, N, H] (for the dtype/device), pos int [N] ->
-    a function t [N, heads, D] -> t rotated to those positions (the same cos/sin as the HF model computes)."""
-    cos, sin = inner.rotary_emb(x, pos[None])
-    cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [N, 1, D]
-    half = cos.shape[-1] // 2
+class RopeAt:
+    """HF's apply_rotary_pos_emb for one flat batch of tokens: the cos / sin the model's rotary embedding computes
+    for x [1, N, H] (its dtype/device) at positions pos int [N]; rotate(q, k) turns q [N, Hq, D] and k [N, Hk, D]
+    (or None) to those positions. kernels "triton": in place, in one launch (kernels/rope.py, the same values bit
+    for bit); "reference": out of place in PyTorch."""
 
-    def rot(t):
-        t1, t2 = t[..., :half], t[..., half:]
-        return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+    def __init__(self, inner, x: torch.Tensor, pos: torch.Tensor, kernels: str):
+        cos, sin = inner.rotary_emb(x, pos[None])
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # [N, D]
+        self.in_place = kernels == "triton"
 
-    return rot
+    def rotate(self, q: torch.Tensor, k: torch.Tensor | None = None):
+        if self.in_place:
+            apply_rope_(q, k, self.cos, self.sin)
+            return q, k
+        return apply_rope_ref(q, self.cos, self.sin), None if k is None else apply_rope_ref(k, self.cos, self.sin)
 
 
 class PagedDecoder:
@@ -186,7 +191,7 @@ class PagedDecoder:
         plan = _WindowPlan(tables, starts, lens, offsets, decode, dev) if fmt.has_window else None
 
         x = self.inner.embed_tokens(flat)[None]  # [1, N, H]
-        rot = rope_at(self.inner, x, pos)
+        rope_rows = RopeAt(self.inner, x, pos, self.kernels)
 
         with _kv_outputs_unquantized(self.kv_linears):
             for li, layer in enumerate(self.layers):
@@ -196,10 +201,13 @@ class PagedDecoder:
                 q = attn.q_proj(h).view(N, self.Hq, D)
                 k = attn.k_proj(h).view(N, self.Hkv, D)
                 v = attn.v_proj(h).view(N, self.Hkv, D)
-                q = rot(q)
-                k_rot = rot(k)
+                # K before RoPE is stored as it comes (a copy when the rotation works in place); the fresh
+                # prompt's attention still needs it rotated
+                pre = fmt.rope == "pre"
+                kin = k.clone() if pre and rope_rows.in_place else k
+                q, k_rot = rope_rows.rotate(q, k)
+                kin = kin if pre else k_rot
                 kc, ksz, vc, vsz = pool.k_codes[li], pool.k_sz[li], pool.v_codes[li], pool.v_sz[li]
-                kin = k if fmt.rope == "pre" else k_rot
                 out = torch.empty(N, self.Hq, D, dtype=torch.float32, device=dev)
                 if plan is not None:
                     self._windowed_layer(li, plan, kin, v, q, out, rope)

@@ -31,7 +31,7 @@ import triton
 from atom_lab.kernels._common import interpreting
 from atom_lab.kernels.attention import paged_decode_attention, paged_decode_attention_ref
 from atom_lab.kernels.kv_cache import _kv_write_kernel, kv_write_ref
-from atom_lab.paged_model import PagedDecoder, _kv_outputs_unquantized, check_logits, rope_at
+from atom_lab.paged_model import PagedDecoder, RopeAt, _kv_outputs_unquantized, check_logits
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -158,18 +158,21 @@ class StaticDecoder:
             write = kv_write_ref
         rope = self.rope
         x = d.inner.embed_tokens(ids)[None]  # [1, B, H]
-        rot = rope_at(d.inner, x, pos)
+        rope_rows = RopeAt(d.inner, x, pos, d.kernels)
 
         with _kv_outputs_unquantized(d.kv_linears):
             for li, layer in enumerate(d.layers):
                 attn = layer.self_attn
                 residual = x
                 h = layer.input_layernorm(x)
-                q = rot(attn.q_proj(h).view(B, d.Hq, D))
+                q = attn.q_proj(h).view(B, d.Hq, D)
                 k = attn.k_proj(h).view(B, d.Hkv, D)
                 v = attn.v_proj(h).view(B, d.Hkv, D)
+                # K before RoPE: only q turns (the decode kernel rotates the keys it reads)
+                pre = fmt.rope == "pre"
+                q, k_rot = rope_rows.rotate(q, None if pre else k)
                 kc, ksz, vc, vsz = pool.k_codes[li], pool.k_sz[li], pool.v_codes[li], pool.v_sz[li]
-                write(k if fmt.rope == "pre" else rot(k), slots, kc, ksz, fmt.bits, pool.group_size)
+                write(k if pre else k_rot, slots, kc, ksz, fmt.bits, pool.group_size)
                 write(v, slots, vc, vsz, fmt.bits, pool.group_size)
                 if triton_kernels:  # max_length: a bound known on the host, so nothing is read back
                     out = paged_decode_attention(q, kc, ksz, vc, vsz, table, lengths, fmt.bits, pool.page_size,
