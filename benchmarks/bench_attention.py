@@ -5,6 +5,7 @@ Timed in one run on one GPU (CUDA-graph replays of each call, median of triton.t
               the fastest of its cuDNN / flash / efficient backends for that case (the baseline every ratio divides)
   ours_bf16   kernels/attention.py paged_decode_attention on a bf16 paged cache (pages in random order)
   ours_int4_post  the same kernel on the INT4 cache, K stored after RoPE (QServe / KIVI / vLLM)
+                  (best of the tensor-core, CUDA-core and Gluon kernels; core_* / gluon_* per family)
   ours_int4_pre   the same, K stored before RoPE and rotated after dequantization (Atom)
   ours_kivi       KIVI: INT4 keys per channel over groups of 32 tokens (post-RoPE), values per token per head, and
                   the newest 128 tokens in a float16 ring (a second launch, merged by LSE)
@@ -32,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from atom_lab.kernels.attention import paged_decode_attention, paged_decode_attention_ref, rope_table  # noqa: E402
+from atom_lab.kernels.attention_gluon import gluon_ok  # noqa: E402
 from benchmarks.common import GRAPH_FAILURES, bench_ms, device_facts  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,6 +60,10 @@ CORE_PRE = {k: v for k, v in CORE.items() if k.split()[1] in ("n16", "n8") and "
 CORE_PRE.update({f"core n{n} w1 s3 p{p} f16tab": dict(variant="core", unpack_asm=True, block_n=n, num_warps=1,
                                                     num_stages=3, programs=p, rope_fp16=True)
                  for n, p in [(16, 4224), (16, 2112), (8, 4224)]})
+# "gluon": kernels/attention_gluon.py (mma.sync fed from registers; MHA post-RoPE, page % 16 == 0), a = tiles of 16
+# tokens in flight per warp (num_stages), p = the split target
+GLUON = {f"gluon a{a} p{p}": dict(variant="gluon", num_stages=a, programs=p)
+         for a, p in [(1, 4224), (2, 4224), (1, 2112), (2, 8448)]}
 KIVI_TG, KIVI_WINDOW = 32, 128
 
 
@@ -190,7 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU check of every path on tiny shapes, no timing")
     ap.add_argument("--formats", default="bf16,post,pre", help="comma-separated subset of bf16, post, pre")
     ap.add_argument("--families", default=None, help="comma-separated label prefixes of our configs to time "
-                    "(default all: v5, dot_asm, core)")
+                    "(default all: v5, dot_asm, core, gluon)")
     args = ap.parse_args(argv)
     if args.smoke:
         return smoke()
@@ -233,7 +239,8 @@ def main(argv=None) -> int:
                 for mode, rope in (("post", None), ("pre", (inv_freq, 1.0, table))):
                     if mode not in formats:
                         continue
-                    cfgs = {**V5, **DOT_ASM, **((CORE if mode == "post" else CORE_PRE) if Hq == Hkv else {})}
+                    cfgs = {**V5, **DOT_ASM, **((CORE if mode == "post" else CORE_PRE) if Hq == Hkv else {}),
+                            **(GLUON if mode == "post" and Hq == Hkv and gluon_ok(q.device) else {})}
                     cfgs = {k: v for k, v in cfgs.items() if families is None or k.split()[0] in families}
                     errs = {}
                     times = bench_ours(q, c4, 4, ctx, rope, print, configs=cfgs, errs=errs)
@@ -243,6 +250,10 @@ def main(argv=None) -> int:
                     row[f"v5_int4_{mode}_ms"] = best_of(times, "v5")[0]
                     v5ms = row[f"v5_int4_{mode}_ms"]
                     row[f"speedup_v5_int4_{mode}"] = sd[be] / v5ms if v5ms else None
+                    for fam in ("core", "gluon"):  # each kernel family's best config, same run
+                        fms, fcfg = best_of(times, fam)
+                        row[f"{fam}_int4_{mode}_ms"], row[f"{fam}_int4_{mode}_cfg"] = fms, fcfg
+                        row[f"speedup_{fam}_int4_{mode}"] = sd[be] / fms if fms else None
                 del c4
                 if args.kivi:
                     ck, win = kivi_cache(B, ctx, Hkv, gen)
@@ -274,8 +285,9 @@ def main(argv=None) -> int:
                       f"{us(row.get('ours_int4_post_ms'))} {us(row.get('ours_int4_pre_ms'))} "
                       f"{us(row.get('ours_kivi_ms'))} "
                       f"{row['speedup_int4_post'] or 0:6.2f} {row['speedup_int4_pre'] or 0:6.2f} "
-                      f"{row.get('speedup_kivi') or 0:6.2f} {row['int4_post_tbs'] or 0:9.2f} {err:8.1e}",
-                      flush=True)
+                      f"{row.get('speedup_kivi') or 0:6.2f} {row['int4_post_tbs'] or 0:9.2f} {err:8.1e}"
+                      f"  core {row.get('speedup_core_int4_post') or 0:.2f}x gluon "
+                      f"{row.get('speedup_gluon_int4_post') or 0:.2f}x ({row.get('gluon_int4_post_cfg')})", flush=True)
                 torch.cuda.empty_cache()
                 if args.json:  # after every case, so a run cut short by a time limit still leaves its rows
                     write_json(args.json, rows, None)
@@ -287,6 +299,8 @@ def main(argv=None) -> int:
     summary = {"bar": BAR, "cases_in_bar_region": len(barred), "seconds": round(time.time() - t_start, 1),
                "max_err_vs_ref": max((v for r in rows for k, v in r.items() if k.startswith("err_")
                                       and isinstance(v, float)), default=None)}
+    for fam in ("core", "gluon"):
+        summary[f"min_speedup_{fam}_post"], summary[f"max_speedup_{fam}_post"] = span(f"speedup_{fam}_int4_post")
     for k in ("post", "pre", "kivi"):
         key = "speedup_kivi" if k == "kivi" else f"speedup_int4_{k}"
         summary[f"min_speedup_{k}"], summary[f"max_speedup_{k}"] = span(key)

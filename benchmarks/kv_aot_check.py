@@ -2,7 +2,9 @@
 registers, spills (stack), shared memory, and the SASS of the token loop (instructions per warp per tile, barriers,
 the most frequent opcodes). The counts in benchmarks/NOTES.md's KV section (v7) come from this script.
     PYTHONPATH=/tmp/t36 python benchmarks/kv_aot_check.py           # the variants of the v7 notes
-    PYTHONPATH=/tmp/t36 python benchmarks/kv_aot_check.py "core(bn=8, nw=1, ns=3, asm=True)"
+    PYTHONPATH=/tmp/t36 python benchmarks/kv_aot_check.py "core(bn=8, nw=1, ns=3, asm=True)" "gluon(ahead=2)"
+"loop" counts the largest loop's instructions (every branch inside it), "main" the path of a step that takes no
+branch inside it (the Gluon / CUDA-core kernels' rescale when the running max grows is such a branch).
 (/tmp/t36: pip install --target /tmp/t36 --no-deps triton==3.6.0, the device's version; see benchmarks/aot_check.py.)
 """
 import collections
@@ -35,18 +37,23 @@ def analyze(name, ck):
         sass = subprocess.run([TOOL, "--dump-sass", f.name], capture_output=True, text=True).stdout
     ins = [(int(m.group(1), 16), m.group(2).strip()) for m in
            (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
-    body = []
+    body, span = [], (0, 0)
     for addr, op in ins:  # a loop = a backward branch; the token loop is the largest one
         m = re.search(r"BRA\s+0x([0-9a-f]+)", op)
         if m and int(m.group(1), 16) < addr:
             lo = int(m.group(1), 16)
             cand = [o for (x, o) in ins if lo <= x <= addr]
-            body = cand if len(cand) > len(body) else body
+            body, span = (cand, (lo, addr)) if len(cand) > len(body) else (body, span)
+    # the path a step takes when no branch inside the loop is taken (e.g. the rescale when the running max grows)
+    skips = [(x, int(m.group(1), 16)) for x, o in ins if span[0] <= x <= span[1]
+             for m in [re.search(r"BRA\s+0x([0-9a-f]+)", o)] if m and x < int(m.group(1), 16) <= span[1]]
+    main = [o for x, o in ins if span[0] <= x <= span[1] and not any(a < x < b for a, b in skips)]
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", o).split()[0] for o in body)
     regs, stack = re.search(r"REG:(\d+)", res).group(1), re.search(r"STACK:(\d+)", res).group(1)
     top = " ".join(f"{k}:{v}" for k, v in ops.most_common(9))
+    lds = sum(v for k, v in ops.items() if k.startswith("LDS"))
     print(f"{name:38s} regs {regs:>3} stack {stack:>3} smem {ck.metadata.shared:>6} loop {len(body):5d} "
-          f"bar {ops.get('BAR.SYNC.DEFER_BLOCKING', 0):2d} | {top}", flush=True)
+          f"main {len(main):4d} bar {ops.get('BAR.SYNC.DEFER_BLOCKING', 0):2d} lds {lds:2d} | {top}", flush=True)
 
 
 def dot(bn=64, nw=4, ns=1, qpk=1, rope=False, asm=False, bits=4):
@@ -68,8 +75,20 @@ def core(bn=16, nw=1, ns=3, rope=False, asm=True, dd=128, tab="*fp32"):
             compile_kernel(A._decode_core_kernel, {**CORE_SIG, "tab_ptr": tab}, ce, DIV, nw, 1))
 
 
+def gluon(ahead=1):
+    """The Gluon kernel (kernels/attention_gluon.py, MHA INT4 post-RoPE, head_dim 128): codes and pairs as int32."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from atom_lab.kernels import attention_gluon as G
+    sig = {k: v for k, v in CORE_SIG.items() if k != "tab_ptr"}
+    sig.update(kc_ptr="*i32", vc_ptr="*i32", ksz_ptr="*i32", vsz_ptr="*i32")
+    ce = dict(PAGE=32, NSPLIT=1, VL=G.v_layout(), AHEAD=ahead)
+    analyze(f"gluon D128 n16 w1 ahead{ahead}", compile_kernel(G._decode_gluon_kernel, sig, ce,
+                                                            [d for d in DIV if d != "tab_ptr"], 1, 1, GluonASTSource))
+
+
 DEFAULT = ["dot()", "dot(ns=3)", "dot(ns=3, asm=True)", "dot(qpk=4, ns=3, asm=True)", "dot(bits=16, ns=3)",
-           "core(ns=1)", "core(ns=3)", "core(bn=64, nw=4)", "core(rope=True)", "core(rope=True, tab='*fp16')"]
+           "core(ns=1)", "core(ns=3)", "core(bn=64, nw=4)", "core(rope=True)", "core(rope=True, tab='*fp16')",
+           "gluon()", "gluon(ahead=2)"]
 
 if __name__ == "__main__":
     print("triton", triton.__version__)

@@ -471,6 +471,8 @@ def merge_splits_ref(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 # The CUDA-core kernel's launch on a GPU when a call names none (benchmarks/NOTES.md, KV section: the fastest
 # measured on the H200): tokens per program step, warps per program, pipeline stages, programs the splits aim at.
 CORE_CONFIG = dict(block_n=16, num_warps=1, num_stages=3, programs=4224, rope_fp16=True)
+GLUON_PROGRAMS = 4224  # the Gluon kernel's split target (1-warp programs, like the CUDA-core kernel's)
+GLUON_AHEAD = 1  # its tiles of 16 tokens in flight per warp (num_stages 1 or 2)
 
 
 def _fp16_table(table: torch.Tensor) -> torch.Tensor:
@@ -510,6 +512,8 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
         the ring [n_q, n) are two launches of the same kernel writing disjoint splits of one LSE merge.
     variant: "dot" (tensor cores, every format) or "core" (CUDA cores: INT4 with one pair per token-head and one
         query head per KV head, no KIVI keys or window); default: default_variant (the faster one on the H200).
+        "gluon" (GPU only): kernels/attention_gluon.py, mma.sync fed from registers, the "core" cases with K
+        after RoPE, head_dim 128 and page_size % 16 == 0; num_stages 1 or 2 = tiles in flight per warp there.
     unpack_asm: INT4 codes -> float16 through inline PTX (default on a GPU; the interpreter cannot run it).
     num_stages: software-pipelining depth of the token loop (Triton's pipeliner; default 3, Triton's own).
     programs: how many programs the splits aim at (default 1056, ~8 per SM of the H200; CORE_CONFIG's for "core").
@@ -556,7 +560,18 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     qpk = Hq // Hkv
     core_ok = bits == 4 and G == D and not key_tokens and window is None and qpk == 1
     variant = variant or default_variant(core_ok)
-    if variant not in ("dot", "core") or (variant == "core" and not core_ok):
+    if variant == "gluon":  # tensor cores fed from registers (kernels/attention_gluon.py): MHA INT4 post-RoPE
+        from .attention_gluon import gluon_ok
+        if not (core_ok and rope is None and D == 128 and page_size % 16 == 0 and gluon_ok(q.device)
+                and not interpreting()):
+            raise ValueError(f"variant='gluon' needs a CUDA GPU with Gluon (triton >= 3.5; not the interpreter) and "
+                             f"an INT4 cache with one (scale, zero) per token-head, K after RoPE, head_dim 128, "
+                             f"page_size a multiple of 16, one query head per KV head (here bits={bits}, "
+                             f"group={G}, rope={rope is not None}, head_dim={D}, page_size={page_size}, {qpk} "
+                             f"query heads per KV head, device {q.device}).")
+        block_n, num_warps, programs = 16, 1, programs or GLUON_PROGRAMS
+        num_stages = num_stages or GLUON_AHEAD
+    elif variant not in ("dot", "core") or (variant == "core" and not core_ok):
         raise ValueError(f"variant={variant!r}: use 'dot', or 'core' for an INT4 cache with one (scale, zero) per "
                          f"token-head, no KIVI keys or window, and one query head per KV head (here bits={bits}, "
                          f"group={G}, key_tokens={key_tokens}, {qpk} query heads per KV head).")
@@ -602,7 +617,11 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     o = torch.empty(B, Hq, total, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hq, total, dtype=torch.float32, device=q.device)
     q = q.contiguous()
-    if variant == "core":
+    if variant == "gluon":
+        from .attention_gluon import launch_gluon
+        launch_gluon(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, o, lse, sm_scale, page_size, num_splits,
+                     tokens_per_split, ahead=num_stages)
+    elif variant == "core":
         if rope is not None and rope_fp16:  # half the table's bytes (read from L2 per token-head: 3.8x the codes)
             table = _fp16_table(table)
         _decode_core_kernel[(B, Hkv, num_splits)](
