@@ -14,6 +14,8 @@ Printed and written: wall time, the sum of GPU kernel time, the host time that i
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import sys
 import time
 
@@ -29,6 +31,8 @@ def _kernel_table(prof, top: int) -> tuple[float, list[dict]]:
     """(GPU kernel ms in all, the `top` kernels by GPU ms) from a finished torch.profiler run."""
     rows = []
     for e in prof.key_averages():
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue  # an operator (aten::mm) would count its kernels' time a second time
         us = getattr(e, "self_device_time_total", None)
         if us is None:
             us = getattr(e, "self_cuda_time_total", 0.0)
@@ -52,7 +56,30 @@ def _profiled_step(eng, cuda: bool, top: int, prefill: bool) -> dict:
             "host_not_hidden_ms": None if gpu_ms is None else wall - gpu_ms, "top_kernels": kernels}
 
 
-def profile_format(fmt: str, cfg: dict, seqs: int, prompt: int, cuda: bool, top: int) -> dict:
+def _timed_step(eng, prefill: bool, host_top: int) -> dict:
+    """One step without torch.profiler: its wall time, and (host_top > 0) cProfile's functions by own host time."""
+    bench._sync()
+    prof = cProfile.Profile() if host_top else None
+    t0 = time.perf_counter()
+    if prof:
+        prof.enable()
+    batch, _, _ = eng.step()
+    if prof:
+        prof.disable()
+    bench._sync()
+    out = {"wall_ms": 1e3 * (time.perf_counter() - t0), "batch": len(batch),
+           "tokens": sum(len(s.prompt) for s in batch) if prefill else len(batch)}
+    if prof:
+        st = pstats.Stats(prof)
+        rows = [{"function": f"{fn[0].split('/')[-1]}:{fn[1]}:{fn[2]}", "calls": v[1], "own_ms": 1e3 * v[2],
+                 "cum_ms": 1e3 * v[3]} for fn, v in st.stats.items()]
+        rows.sort(key=lambda r: -r["own_ms"])
+        out["host_top"] = rows[:host_top]
+        out["host_ms_under_cprofile"] = 1e3 * st.total_tt
+    return out
+
+
+def profile_format(fmt: str, cfg: dict, seqs: int, prompt: int, cuda: bool, top: int, host_top: int = 0) -> dict:
     weights, kv = fmt.split("-kv")
     model = bench.build_model(weights, cfg, cuda)
     per_seq = -(-(prompt + 8) // bench.PAGE)
@@ -70,10 +97,17 @@ def profile_format(fmt: str, cfg: dict, seqs: int, prompt: int, cuda: bool, top:
     for _ in range(seqs):
         eng.add_request(torch.randint(0, vocab, (prompt,), generator=g).tolist(), params)
     out = {"format": fmt, "fused_groups": eng.runner.fused_groups, "prefill": _profiled_step(eng, cuda, top, True)}
+    # the next prefill steps of the same size: one timed plainly (the profiler adds host time per operator), one
+    # under cProfile (which Python functions hold the host)
+    if any(s.num_cached == 0 for s in eng.scheduler.waiting):
+        out["prefill_plain"] = _timed_step(eng, True, 0)
+    if host_top and any(s.num_cached == 0 for s in eng.scheduler.waiting):
+        out["prefill_host"] = _timed_step(eng, True, host_top)
     while any(s.num_cached == 0 for s in eng.scheduler.waiting):  # prefill the rest, unprofiled
         eng.step()
     eng.step()  # first decode step at this batch (a new batch size for the static buffers)
     out["decode"] = _profiled_step(eng, cuda, top, False)
+    out["decode_plain"] = _timed_step(eng, False, 0)
     del eng, model
     bench._free()
     return out
@@ -87,6 +121,8 @@ def main(argv=None):
     ap.add_argument("--seqs", type=int, default=64, help="requests (the decode batch)")
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--host-top", type=int, default=0, help="also cProfile a prefill step: the N functions with "
+                    "the most own host time")
     ap.add_argument("--kv-rope", default="post", choices=["pre", "post"])
     args = ap.parse_args(argv)
     bench.KV_ROPE = args.kv_rope
@@ -95,7 +131,7 @@ def main(argv=None):
     seqs, prompt = (args.seqs, args.prompt) if cuda else (3, 24)
     rows = []
     for fmt in args.formats.split(","):
-        r = profile_format(fmt, cfg, seqs, prompt, cuda, args.top)
+        r = profile_format(fmt, cfg, seqs, prompt, cuda, args.top, args.host_top)
         rows.append(r)
         for phase in ("prefill", "decode"):
             p = r[phase]
@@ -104,6 +140,12 @@ def main(argv=None):
                   f"GPU kernels {gpu} ms")
             for k in p["top_kernels"]:
                 print(f"    {k['ms']:8.2f} ms {k['calls']:5d}x  {k['kernel']}")
+        for key in ("prefill_plain", "prefill_host", "decode_plain"):
+            if key in r:
+                p = r[key]
+                print(f"{fmt:10s} {key:13s} batch {p['batch']:3d} tokens {p['tokens']:5d}: wall {p['wall_ms']:.1f} ms")
+                for h in p.get("host_top", []):
+                    print(f"    {h['own_ms']:8.2f} ms own {h['cum_ms']:8.2f} cum {h['calls']:6d}x  {h['function']}")
     if args.json:
         model = "llama-2-7b shapes, RANDOM weights" if cuda else "tiny random llama"
         write_json(args.json, {"environment": atom_lab.environment(), "model": model, "seqs": seqs, "prompt": prompt,

@@ -59,11 +59,15 @@ def test_int4_library_equals_reference(device):
     x = torch.randn(5, 512, device=device, dtype=torch.bfloat16)
     real, ref = Int4Linear(lin, 128, real=True), Int4Linear(lin, 128, real=False)
     y, y_ref = real(x).float(), ref(x).float()
-    # The library kernel rounds its output to bf16 (8 significant bits); the reference is exact in fp32 before
-    # its own rounding to bf16: they may differ by the two roundings, 2 x 2^-8 of |y| (+ fp32 accumulation).
-    assert ((y - y_ref).abs() <= 2 ** -7 * y_ref.abs() + 1e-3).all()
-    # the levels: w within half a step of (q - 8) * scale + zero, q in 0..15
+    # The library dequantizes each weight (q - 8) * scale + zero in bf16 (the H200's tinygemm: a product and a sum,
+    # each rounded to 2^-9 of its size) before its bf16 tensor-core dot (fp32 accumulation), and rounds its output to
+    # bf16; the reference is exact in fp32 before its own output rounding. So per weight at most 2^-9 (|(q - 8) s|
+    # + |w|) <= 2^-8 A with A = |(q - 8) s| + |z|, and 2 x 2^-9 |y| for the two output roundings.
     q, scale, zero = int4_levels(lin.weight.detach(), 128)
+    A = ((q.view(64, 4, 128) - 8).abs() * scale[..., None] + zero.abs()[..., None]).view(64, 512).to(device)
+    bound = 2 ** -8 * (x.float().abs() @ A.T) + 2 ** -8 * y_ref.abs() + 1e-6
+    assert ((y - y_ref).abs() <= bound).all()
+    # the levels: w within half a step of (q - 8) * scale + zero, q in 0..15
     assert q.min() >= 0 and q.max() <= 15
     w = lin.weight.detach().float().view(64, 4, 128)
     rebuilt = (q.view(64, 4, 128) - 8) * scale[..., None] + zero[..., None]
@@ -87,13 +91,20 @@ def test_bad_shapes_and_formats():
 
 @pytest.mark.parametrize("weights", ["w8a8", "w4a16"])
 def test_convert_model_runs_and_counts(weights):
-    model = atom_lab.tiny_model("llama", seed=0, device="cpu")[0]
+    # W8A8 on the GPU when there is one (torch 2.11's CPU _scaled_mm refuses rowwise scales, later CPU builds take
+    # them); W4A16 on the CPU (tinygemm's CUDA kernel wants larger shapes than the tiny model's)
+    device = atom_lab.default_device() if weights == "w8a8" else "cpu"
+    model = atom_lab.tiny_model("llama", seed=0, device=device)[0]
     if weights == "w4a16":
         model = model.to(torch.bfloat16)
-    ids = torch.randint(0, 256, (1, 12))
+    ids = torch.randint(0, 256, (1, 12), device=device)
     ref = model(ids).logits.float()
     convert_model(model, weights)
-    got = model(ids).logits.float()
+    try:
+        got = model(ids).logits.float()
+    except FP8Unsupported as e:  # only the documented refusal of a CPU build, never on the GPU
+        assert device == "cpu"
+        pytest.skip(f"no rowwise FP8 GEMM in this torch build: {e}")
     assert got.isfinite().all()
     # a 4- or 8-bit model is not the float model, but it is close to it on a random tiny model (the logits'
     # correlation), and not identical (the layers really were replaced)
@@ -116,7 +127,7 @@ def test_stored_fp8_weights_pass_through_to_the_gemm():
     cfg = AtomConfig.preset("atom", gptq=False, group_size=128, keeper=128, w_clip=1.0, a_clip=1.0, kv_bits=16)
     q = QuantLinear.from_linear(lin, cfg, reorder=torch.arange(256, device=dev),
                                 inputs=torch.randn(64, 256, device=dev), backend="triton")
-    x = torch.randn(3, 256, device=dev)
+    x = torch.randn(64, 256, device=dev)  # cuBLASLt's blockwise FP8 GEMM refuses M = 3 on the H200
     before, size0 = q(x), model_bytes(q)
     holder = torch.nn.Sequential(q)
     assert store_fp8_weights(holder) == 1 and store_fp8_weights(holder) == 0  # once per layer
