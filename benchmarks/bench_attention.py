@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from atom_lab.kernels.attention import paged_decode_attention, paged_decode_attention_ref, rope_table  # noqa: E402
+from atom_lab.kernels import attention_gluon  # noqa: E402
 from atom_lab.kernels.attention_gluon import gluon_ok  # noqa: E402
 from benchmarks.common import GRAPH_FAILURES, bench_ms, device_facts  # noqa: E402
 
@@ -62,8 +63,13 @@ CORE_PRE.update({f"core n{n} w1 s3 p{p} f16tab": dict(variant="core", unpack_asm
                  for n, p in [(16, 4224), (16, 2112), (8, 4224)]})
 # "gluon": kernels/attention_gluon.py (mma.sync fed from registers; MHA post-RoPE, page % 16 == 0), a = tiles of 16
 # tokens in flight per warp (num_stages), p = the split target
-GLUON = {f"gluon a{a} p{p}": dict(variant="gluon", num_stages=a, programs=p)
-         for a, p in [(1, 4224), (2, 4224), (1, 2112), (2, 8448)]}
+# (v8 second run) hf: heads-first grid, k2: the scores' mma as 2 chains, r168: maxnreg 168 (12 warps per SM)
+GLUON = {f"gluon{tag} a{a} p{p}": dict(variant="gluon", num_stages=a, programs=p, gluon_opts=opts)
+         for tag, a, p, opts in [
+             ("", 1, 4224, {}), ("hf", 1, 4224, dict(heads_first=True)), ("hf", 1, 2112, dict(heads_first=True)),
+             ("hf", 2, 4224, dict(heads_first=True)), ("hfk2", 1, 4224, dict(heads_first=True, k_chains=2)),
+             ("hfr168", 1, 4224, dict(heads_first=True, maxnreg=168)),
+             ("hfr168k2", 1, 4224, dict(heads_first=True, maxnreg=168, k_chains=2))]}
 KIVI_TG, KIVI_WINDOW = 32, 128
 
 
@@ -122,6 +128,9 @@ def bench_ours(q, cache, bits, ctx, rope, log, window=None, configs=None, errs=N
     times = {}
     for label, kw in (configs or V5).items():
         family = label.split()[0] + (" f16tab" if kw.get("rope_fp16") else "")
+        kw = dict(kw)
+        saved = dict(attention_gluon.OPTIONS)
+        attention_gluon.OPTIONS.update(kw.pop("gluon_opts", {}))  # read at launch (and at graph capture)
         try:
             if errs is not None and family not in errs:
                 errs[family] = check_first(q, cache, bits, ctx, rope, window, **kw)
@@ -132,7 +141,29 @@ def bench_ours(q, cache, bits, ctx, rope, log, window=None, configs=None, errs=N
             times[label] = bench_ms(fn, graph=True)
         except Exception as e:  # a config that does not compile or run: recorded, the others stand
             log(f"    {label}: {type(e).__name__}: {str(e)[:160]}")
+        finally:
+            attention_gluon.OPTIONS.clear()
+            attention_gluon.OPTIONS.update(saved)
     return times
+
+
+def bench_read_only(cache, B, H, ctx):
+    """The Gluon kernel's read-only diagnostic (same loads and splits, no math): ms per grid order."""
+    kc, ksz, vc, vsz, pt, lengths = cache
+    blocks = -(-ctx // 16)
+    splits = min(blocks, -(-4224 // (B * H)))
+    tps = -(-blocks // splits) * 16
+    splits = -(-ctx // tps)
+    q = torch.zeros(B, H, D, device=DEV)
+    o = torch.empty(B, H, splits, D, device=DEV)
+    lse = torch.empty(B, H, splits, device=DEV)
+    out = {}
+    for name, hf in (("batch_first", False), ("heads_first", True)):
+        def fn(hf=hf):
+            attention_gluon.launch_gluon(q, kc, ksz, vc, vsz, pt, lengths, o, lse, 1.0, PAGE, splits, tps,
+                                         heads_first=hf, read_only=True)
+        out[name] = bench_ms(fn, graph=True)
+    return out
 
 
 def best_of(times, prefix=None):
@@ -193,6 +224,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default=None, help="comma-separated batches (default: all, or 8,128 with --quick)")
     ap.add_argument("--contexts", default=None, help="comma-separated contexts")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    ap.add_argument("--read-only", action="store_true", help="also time the Gluon kernel's read-only diagnostic")
     ap.add_argument("--smoke", action="store_true", help="CPU check of every path on tiny shapes, no timing")
     ap.add_argument("--formats", default="bf16,post,pre", help="comma-separated subset of bf16, post, pre")
     ap.add_argument("--families", default=None, help="comma-separated label prefixes of our configs to time "
@@ -250,10 +282,15 @@ def main(argv=None) -> int:
                     row[f"v5_int4_{mode}_ms"] = best_of(times, "v5")[0]
                     v5ms = row[f"v5_int4_{mode}_ms"]
                     row[f"speedup_v5_int4_{mode}"] = sd[be] / v5ms if v5ms else None
-                    for fam in ("core", "gluon"):  # each kernel family's best config, same run
+                    for fam in ("core", "gluon"):  # each kernel family's best config, same run (gluon*: all its kinds)
                         fms, fcfg = best_of(times, fam)
                         row[f"{fam}_int4_{mode}_ms"], row[f"{fam}_int4_{mode}_cfg"] = fms, fcfg
                         row[f"speedup_{fam}_int4_{mode}"] = sd[be] / fms if fms else None
+                if args.read_only and Hq == Hkv and gluon_ok(q.device):
+                    ro = bench_read_only(c4, B, Hkv, ctx)
+                    row["gluon_read_only_ms"] = ro
+                    row["gluon_read_only_tbs"] = {k: 2 * B * ctx * Hkv * (D // 2 + 4) / v / 1e9 for k, v in ro.items()}
+                    print(f"    read-only TB/s {row['gluon_read_only_tbs']}", flush=True)
                 del c4
                 if args.kivi:
                     ck, win = kivi_cache(B, ctx, Hkv, gen)

@@ -75,14 +75,14 @@ def core(bn=16, nw=1, ns=3, rope=False, asm=True, dd=128, tab="*fp32"):
             compile_kernel(A._decode_core_kernel, {**CORE_SIG, "tab_ptr": tab}, ce, DIV, nw, 1))
 
 
-def gluon(ahead=1):
+def gluon(ahead=1, hf=False, kc=1, ro=False):
     """The Gluon kernel (kernels/attention_gluon.py, MHA INT4 post-RoPE, head_dim 128): codes and pairs as int32."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from atom_lab.kernels import attention_gluon as G
     sig = {k: v for k, v in CORE_SIG.items() if k != "tab_ptr"}
     sig.update(kc_ptr="*i32", vc_ptr="*i32", ksz_ptr="*i32", vsz_ptr="*i32")
-    ce = dict(PAGE=32, NSPLIT=1, VL=G.v_layout(), AHEAD=ahead)
-    analyze(f"gluon D128 n16 w1 ahead{ahead}", compile_kernel(G._decode_gluon_kernel, sig, ce,
+    ce = dict(PAGE=32, NSPLIT=1, VL=G.v_layout(), AHEAD=ahead, HEADS_FIRST=hf, KCHAINS=kc, READ_ONLY=ro)
+    analyze(f"gluon D128 n16 w1 ahead{ahead} kchains{kc}{' read-only' if ro else ''}", compile_kernel(G._decode_gluon_kernel, sig, ce,
                                                             [d for d in DIV if d != "tab_ptr"], 1, 1, GluonASTSource))
 
 

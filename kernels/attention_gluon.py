@@ -29,6 +29,8 @@ except Exception:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
 BLOCK = 16  # tokens per step: the mma's N (scores) and K (output) extent
+# launch options (launch_gluon): grid order, the scores' mma chains, the read-only diagnostic
+OPTIONS = dict(heads_first=False, k_chains=1, read_only=False, maxnreg=None)
 
 
 def gluon_ok(device: torch.device) -> bool:
@@ -107,11 +109,20 @@ if HAVE_GLUON:
     @gluon.jit
     def _decode_gluon_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_ptr, o_ptr, lse_ptr, Hq, Hkv,
                              max_pages, tokens_per_split, sm_scale, PAGE: gl.constexpr, NSPLIT: gl.constexpr,
-                             VL: gl.constexpr, AHEAD: gl.constexpr):
+                             VL: gl.constexpr, AHEAD: gl.constexpr, HEADS_FIRST: gl.constexpr,
+                             KCHAINS: gl.constexpr, READ_ONLY: gl.constexpr):
         # Program (b, h, sp), one warp: query head h of sequence b over tokens [t0, t0 + tokens_per_split).
         # head_dim 128; kc, vc are the codes seen as int32 words [S, Hkv, 16] (4 bytes = 8 codes each).
-        b = gl.program_id(0)
-        h = gl.program_id(1)
+        # HEADS_FIRST: grid (H, B, splits), so the programs of neighbouring heads (whose 64-byte rows of a token are
+        # neighbours in memory) run at the same time; else (B, H, splits). KCHAINS 2: the scores' 8 dependent mma
+        # steps as 2 chains of 4 (k' < 64 and >= 64), summed. READ_ONLY: a diagnostic, the same loads and no math
+        # (the access pattern's own speed; the outputs are meaningless).
+        if HEADS_FIRST:
+            h = gl.program_id(0)
+            b = gl.program_id(1)
+        else:
+            b = gl.program_id(0)
+            h = gl.program_id(1)
         sp = gl.program_id(2)
         D: gl.constexpr = 128
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
@@ -134,7 +145,13 @@ if HAVE_GLUON:
             gl.float16)
         q_sum = gl.sum(q16.to(gl.float32), axis=0)
         q2 = gl.expand_dims(q16, 0) + gl.zeros([16, D], gl.float16, QL)  # 16 copies: the mma's rows
-        q_op = gl.convert_layout(q2, A_OP)
+        if KCHAINS == 2:
+            q3 = gl.reshape(q2, [16, 2, 64])
+            q_lo, q_hi = gl.split(gl.permute(q3, (0, 2, 1)))
+            q_op = gl.convert_layout(q_lo, A_OP)
+            q_op2 = gl.convert_layout(q_hi, A_OP)
+        else:
+            q_op = gl.convert_layout(q2, A_OP)
 
         i_k = gl.arange(0, 16, layout=gl.SliceLayout(1, KL))
         offs_k = gl.expand_dims(i_k * Hkv * 16, 1) + gl.expand_dims(gl.arange(0, 16, gl.SliceLayout(0, KL)), 0)
@@ -148,6 +165,10 @@ if HAVE_GLUON:
         l_acc = gl.zeros([16, 16], gl.float32, MMA)
         pz_acc = gl.zeros([16, 16], gl.float32, MMA)
         acc = gl.zeros([D, 8], gl.float32, MMA)
+        if READ_ONLY:
+            chk_k = gl.zeros([16, 16], gl.int32, KL)
+            chk_v = gl.zeros([8, 16], gl.int32, VL)
+            chk_s = gl.zeros([16], gl.int32, SL_TOK)
         cur = _load_tile(kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, b, h, Hkv, max_pages, t0, t_end, offs_k, offs_v,
                          tok_k, tok_v, tok_s, PAGE)
         if AHEAD == 2:
@@ -159,45 +180,58 @@ if HAVE_GLUON:
             fut = _load_tile(kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, b, h, Hkv, max_pages, start + 16 * AHEAD,
                              t_end, offs_k, offs_v, tok_k, tok_v, tok_s, PAGE)
             kw, ve, vo, kp, vp = cur
-            ks, kz = _halves(kp)
-            vs, vz = _halves(vp)
-            # K codes -> the B operand [128 (k'), 16 tok]; the reshapes and the permute only rename registers
-            # (assert_trivial checks it at compile time)
-            r = gl.inline_asm_elementwise(_K_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [kw], dtype=(gl.float16,) * 8,
-                                          is_pure=True, pack=2)
-            x = gl.join(gl.join(gl.join(r[0], r[1]), gl.join(r[2], r[3])),
-                        gl.join(gl.join(r[4], r[5]), gl.join(r[6], r[7])))  # [16, 16 words, w0, b1, s]
-            x = gl.reshape(x, [16, 4, 2, 2, 2, 2, 2])  # (tok, qd, wq, p, w0, b1, s)
-            x = gl.reshape(gl.permute(x, (2, 4, 5, 6, 1, 3, 0)), [D, 16])  # k' = p + 2qd + 8s + 16b1 + 32w0 + 64wq
-            k_op = gl.convert_layout(x, B_OP, assert_trivial=True)
-            s_raw = mma_v2(q_op, k_op, gl.zeros([16, 16], gl.float32, MMA))
-            sc = gl.expand_dims(ks, 0) * (s_raw - gl.expand_dims(kz, 0) * q_sum)
-            sc = gl.where(gl.expand_dims(start + tok_s < t_end, 0), sc, -float("inf"))
-            m_tile = gl.max(gl.max(sc, axis=1), axis=0)  # the 16 rows are equal: their max is the row's max
-            if m_tile > m_i:  # rescale only when the running max grows (a uniform branch: one query per warp)
-                alpha = gl.exp2(m_i - m_tile)
-                acc = acc * alpha
-                l_acc = l_acc * alpha
-                pz_acc = pz_acc * alpha
-                m_i = m_tile
-            p = gl.exp2(sc - m_i)
-            l_acc = l_acc + p
-            ps = (p * gl.expand_dims(vs, 0)).to(gl.float16)
-            pz_acc = pz_acc + ps.to(gl.float32) * gl.expand_dims(vz, 0)
-            # P -> the B operand [16 tok, 8]: the scores' registers transposed, the first 8 rows kept
-            pt = gl.permute(gl.reshape(gl.permute(ps, (1, 0)), [16, 2, 8]), (0, 2, 1))
-            p_op = gl.convert_layout(gl.split(pt)[0], B_OP, assert_trivial=True)
-            # V codes -> the A operand [128 (n'), 16 tok]: 16 outputs, each float16 pair = (token 2u, 2u + 1)
-            v = gl.inline_asm_elementwise(_V_PTX, "=r," * 16 + "r,r,r,r", [ve, vo], dtype=(gl.float16,) * 16,
-                                          is_pure=True, pack=2)
-            y = gl.join(gl.join(gl.join(gl.join(v[0], v[1]), gl.join(v[2], v[3])),
-                                gl.join(gl.join(v[4], v[5]), gl.join(v[6], v[7]))),
-                        gl.join(gl.join(gl.join(v[8], v[9]), gl.join(v[10], v[11])),
-                                gl.join(gl.join(v[12], v[13]), gl.join(v[14], v[15]))))  # [8, 16, w0, b0, b1, s]
-            y = gl.reshape(y, [2, 4, 8, 2, 2, 2, 2, 2])  # (rr, qd, g, p, w0, b0, b1, s): token 8rr + 2qd + p
-            y = gl.reshape(gl.permute(y, (7, 6, 5, 4, 2, 0, 1, 3)), [D, 16])  # n' = g + 8 (w0 + 2 b + 8 s)
-            v_op = gl.convert_layout(y, A_OP, assert_trivial=True)
-            acc = mma_v2(v_op, p_op, acc)
+            if READ_ONLY:
+                chk_k = chk_k ^ kw
+                chk_v = chk_v ^ ve ^ vo
+                chk_s = chk_s ^ kp ^ vp
+            else:
+                ks, kz = _halves(kp)
+                vs, vz = _halves(vp)
+                # K codes -> the B operand [128 (k'), 16 tok]; the reshapes and the permute only rename registers
+                # (assert_trivial checks it at compile time)
+                r = gl.inline_asm_elementwise(_K_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [kw], dtype=(gl.float16,) * 8,
+                                              is_pure=True, pack=2)
+                x = gl.join(gl.join(gl.join(r[0], r[1]), gl.join(r[2], r[3])),
+                            gl.join(gl.join(r[4], r[5]), gl.join(r[6], r[7])))  # [16, 16 words, w0, b1, s]
+                x = gl.reshape(x, [16, 4, 2, 2, 2, 2, 2])  # (tok, qd, wq, p, w0, b1, s)
+                # k' = p + 2qd + 8s + 16b1 + 32w0 + 64wq
+                x = gl.reshape(gl.permute(x, (2, 4, 5, 6, 1, 3, 0)), [D, 16])
+                if KCHAINS == 2:
+                    x_lo, x_hi = gl.split(gl.permute(gl.reshape(x, [2, 64, 16]), (1, 2, 0)))
+                    s_raw = mma_v2(q_op, gl.convert_layout(x_lo, B_OP, assert_trivial=True),
+                                   gl.zeros([16, 16], gl.float32, MMA)) + \
+                        mma_v2(q_op2, gl.convert_layout(x_hi, B_OP, assert_trivial=True),
+                               gl.zeros([16, 16], gl.float32, MMA))
+                else:
+                    k_op = gl.convert_layout(x, B_OP, assert_trivial=True)
+                    s_raw = mma_v2(q_op, k_op, gl.zeros([16, 16], gl.float32, MMA))
+                sc = gl.expand_dims(ks, 0) * (s_raw - gl.expand_dims(kz, 0) * q_sum)
+                sc = gl.where(gl.expand_dims(start + tok_s < t_end, 0), sc, -float("inf"))
+                m_tile = gl.max(gl.max(sc, axis=1), axis=0)  # the 16 rows are equal: their max is the row's max
+                if m_tile > m_i:  # rescale only when the running max grows (a uniform branch: one query per warp)
+                    alpha = gl.exp2(m_i - m_tile)
+                    acc = acc * alpha
+                    l_acc = l_acc * alpha
+                    pz_acc = pz_acc * alpha
+                    m_i = m_tile
+                p = gl.exp2(sc - m_i)
+                l_acc = l_acc + p
+                ps = (p * gl.expand_dims(vs, 0)).to(gl.float16)
+                pz_acc = pz_acc + ps.to(gl.float32) * gl.expand_dims(vz, 0)
+                # P -> the B operand [16 tok, 8]: the scores' registers transposed, the first 8 rows kept
+                pt = gl.permute(gl.reshape(gl.permute(ps, (1, 0)), [16, 2, 8]), (0, 2, 1))
+                p_op = gl.convert_layout(gl.split(pt)[0], B_OP, assert_trivial=True)
+                # V codes -> the A operand [128 (n'), 16 tok]: 16 outputs, each float16 pair = (token 2u, 2u + 1)
+                v = gl.inline_asm_elementwise(_V_PTX, "=r," * 16 + "r,r,r,r", [ve, vo], dtype=(gl.float16,) * 16,
+                                              is_pure=True, pack=2)
+                y = gl.join(gl.join(gl.join(gl.join(v[0], v[1]), gl.join(v[2], v[3])),  # [8, 16, w0, b0, b1, s]
+                                    gl.join(gl.join(v[4], v[5]), gl.join(v[6], v[7]))),
+                            gl.join(gl.join(gl.join(v[8], v[9]), gl.join(v[10], v[11])),
+                                    gl.join(gl.join(v[12], v[13]), gl.join(v[14], v[15]))))
+                y = gl.reshape(y, [2, 4, 8, 2, 2, 2, 2, 2])  # (rr, qd, g, p, w0, b0, b1, s): token 8rr + 2qd + p
+                y = gl.reshape(gl.permute(y, (7, 6, 5, 4, 2, 0, 1, 3)), [D, 16])  # n' = g + 8 (w0 + 2 b + 8 s)
+                v_op = gl.convert_layout(y, A_OP, assert_trivial=True)
+                acc = mma_v2(v_op, p_op, acc)
             if AHEAD == 2:
                 cur = nxt
                 nxt = fut
@@ -213,6 +247,9 @@ if HAVE_GLUON:
         first = (gl.expand_dims(col, 0) + gl.expand_dims(nr * 0, 1)) == 0  # column 0: the 8 columns are equal
         gl.store(optr, (acc - pz) / l_safe, mask=first)
         lse = gl.where(t0 < n, (m_i + gl.log2(l_safe)) * 0.6931471805599453, -float("inf"))
+        if READ_ONLY:  # keep the loads alive
+            lse = (gl.xor_sum(gl.xor_sum(chk_k, axis=1), axis=0) ^ gl.xor_sum(gl.xor_sum(chk_v, axis=1), axis=0) ^
+                   gl.xor_sum(chk_s, axis=0)).to(gl.float32)
         gl.store(lse_ptr + (b * Hq + h) * NSPLIT + sp, lse)
 
 
@@ -224,17 +261,21 @@ def v_layout():
 
 
 def launch_gluon(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, o, lse, sm_scale: float, page_size: int,
-                 num_splits: int, tokens_per_split: int, ahead: int = 1) -> None:
+                 num_splits: int, tokens_per_split: int, ahead: int = 1, **options) -> None:
     """Stage 1 of decode attention (kernels/attention.py merges): writes o float32 [B, Hq, NSPLIT, D] and lse
     float32 [B, Hq, NSPLIT] for splits 0..num_splits-1 of tokens_per_split tokens (a multiple of 16).
     q: [B, H, D] (one query head per KV head); k_codes, v_codes uint8 [S, H, D/2]; k_sz, v_sz float16 [S, H, 1, 2];
     page_table int32 [B, max_pages] (page_size % 16 == 0); lengths int32 [B]. ahead: tiles of 16 tokens in flight
-    per warp (1 or 2)."""
+    per warp (1 or 2). options: heads_first, k_chains, read_only (the kernel's comment) and maxnreg (a register
+    cap: 168 fits 12 warps per SM, 194 without; no spills at AHEAD=1), default OPTIONS."""
     for name, t in (("k_codes", k_codes), ("k_sz", k_sz), ("v_codes", v_codes), ("v_sz", v_sz)):
         if not t.is_contiguous():
             raise ValueError(f"variant='gluon' reads {name} as 32-bit words: pass it contiguous (a PagePool layer).")
     B, H, D = q.shape
-    _decode_gluon_kernel[(B, H, num_splits)](
+    opt = {**OPTIONS, **options}
+    _decode_gluon_kernel[(H, B, num_splits) if opt["heads_first"] else (B, H, num_splits)](
         q, k_codes.view(torch.int32), k_sz.view(torch.int32), v_codes.view(torch.int32), v_sz.view(torch.int32),
-        page_table, lengths, o, lse, H, H, page_table.shape[1], tokens_per_split, float(sm_scale), PAGE=page_size, NSPLIT=o.shape[2], VL=v_layout(),
-        AHEAD=ahead, num_warps=1)
+        page_table, lengths, o, lse, H, H, page_table.shape[1], tokens_per_split, float(sm_scale), PAGE=page_size,
+        NSPLIT=o.shape[2], VL=v_layout(), AHEAD=ahead, HEADS_FIRST=bool(opt["heads_first"]),
+        KCHAINS=int(opt["k_chains"]), READ_ONLY=bool(opt["read_only"]), num_warps=1,
+        **({"maxnreg": opt["maxnreg"]} if opt["maxnreg"] else {}))

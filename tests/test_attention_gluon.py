@@ -74,6 +74,24 @@ def test_gluon_matches_ref_and_core(B, H, page, max_len, programs, ahead):
 
 
 @gpu
+@pytest.mark.parametrize("opts", [dict(heads_first=True), dict(k_chains=2), dict(maxnreg=168, heads_first=True)])
+def test_gluon_launch_options(opts, monkeypatch):
+    """The grid order, the split mma chains and the register cap compute the same thing (same bound)."""
+    from atom_lab.kernels import attention_gluon
+    monkeypatch.setattr(attention_gluon, "OPTIONS", {**attention_gluon.OPTIONS, **opts})
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.randint(1, 700, (6,), generator=gen)
+    D, page, sm_scale = 128, 32, 128 ** -0.5
+    kc, ksz, vc, vsz, pt = (t.to(DEV) for t in make_cache(6, 3, D, 4, D, page, lengths.tolist(), gen))
+    q = torch.randn(6, 3, D, generator=gen).to(DEV)
+    lens = lengths.to(torch.int32).to(DEV)
+    args = (q, kc, ksz, vc, vsz, pt, lens, 4, page, sm_scale)
+    out = paged_decode_attention(*args, variant="gluon", programs=200)
+    ref = paged_decode_attention_ref(*args)
+    assert ((out - ref).abs() <= gluon_bound(q, kc, ksz, vc, vsz, pt, lens, page, sm_scale)).all()
+
+
+@gpu
 def test_gluon_refuses_what_it_does_not_cover():
     gen = torch.Generator().manual_seed(0)
     kc, ksz, vc, vsz, pt = (t.to(DEV) for t in make_cache(2, 2, 128, 4, 128, 8, [20, 9], gen))
