@@ -92,7 +92,12 @@ def _kv_write_kernel(x_ptr, slot_ptr, codes_ptr, sz_ptr, T, H, D: tl.constexpr, 
     x = tl.load(x_ptr + (t3 * H + h) * D + g3 * G + c3, mask=m3, other=0.0).to(tl.float32)  # [BT, NG, G]
     lo = tl.minimum(tl.min(x, axis=2), 0.0)
     hi = tl.maximum(tl.max(x, axis=2), 0.0)
-    scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(lo.shape, maxq, tl.float32)), _MIN_SCALE).to(tl.float16)
+    # NaN/inf in a group: tl.min/max drop NaN, so without this the codes would be finite garbage; x * 0 is NaN for
+    # exactly those values (else +0, which leaves the scale unchanged), so the stored scale turns NaN and every read
+    # of the group is NaN, as the reference's amax gives: the step's logits show it (PagedDecoder checks them)
+    poison = tl.sum(x * 0.0, axis=2)
+    scale = (tl.maximum(tl.math.div_rn(hi - lo, tl.full(lo.shape, maxq, tl.float32)), _MIN_SCALE) + poison)
+    scale = scale.to(tl.float16)
     s32 = scale.to(tl.float32)
     zero = tl.math.div_rn(-lo, s32)
     zero = tl.minimum(tl.maximum(zero, 0.0), maxq)  # clamp first: keeps |.| < 2^22 for the rounding trick
@@ -211,7 +216,12 @@ def _kv_write_channel_kernel(x_ptr, slot_ptr, codes_ptr, sz_ptr, H, D: tl.conste
     x = tl.load(x_ptr + (tok[:, None] * H + h) * D + d[None, :]).to(tl.float32)  # [TG, D]
     lo = tl.minimum(tl.min(x, axis=0), 0.0)
     hi = tl.maximum(tl.max(x, axis=0), 0.0)
-    scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(lo.shape, maxq, tl.float32)), _MIN_SCALE).to(tl.float16)
+    # NaN/inf in a group: tl.min/max drop NaN, so without this the codes would be finite garbage; x * 0 is NaN for
+    # exactly those values (else +0, which leaves the scale unchanged), so the stored scale turns NaN and every read
+    # of the group is NaN, as the reference's amax gives: the step's logits show it (PagedDecoder checks them)
+    poison = tl.sum(x * 0.0, axis=0)
+    scale = (tl.maximum(tl.math.div_rn(hi - lo, tl.full(lo.shape, maxq, tl.float32)), _MIN_SCALE) + poison)
+    scale = scale.to(tl.float16)
     s32 = scale.to(tl.float32)
     zero = tl.minimum(tl.maximum(tl.math.div_rn(-lo, s32), 0.0), maxq)
     zero = (zero + _ROUND_MAGIC) - _ROUND_MAGIC

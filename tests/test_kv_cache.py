@@ -88,8 +88,11 @@ def test_write_errors():
         kv_write(x, torch.zeros(2, dtype=torch.long), codes, sz, 4, 64)
     with pytest.raises(TypeError, match="dtype"):
         kv_write(x.long(), torch.zeros(2, dtype=torch.long), codes, sz, 4, 64)
-    kv_write(x.to(DEV), torch.zeros(2, dtype=torch.long, device=DEV), codes.to(DEV), sz.to(DEV), 4, 64,
-             check_finite=False)  # the caller checks downstream (PagedDecoder: its logits)
+    # unchecked (the caller checks downstream, PagedDecoder its logits): the NaN row's scale is NaN, so every read
+    # of it is NaN too, never finite garbage; the finite row is written as usual
+    codes, sz = codes.to(DEV), sz.to(DEV)
+    kv_write(x.to(DEV), torch.arange(2, device=DEV), codes, sz, 4, 64, check_finite=False)
+    assert sz[1, 0, 0, 0].isnan() and sz[0].isfinite().all()
 
 
 @pytest.mark.parametrize("kernels", ["triton", "reference"])
