@@ -11,7 +11,8 @@ Two stage-1 kernels: _decode_split_kernel (tensor cores, tl.dot: every format, G
 cores, float32: INT4 with one (scale, zero) per token-head and ONE query head per KV head, where tl.dot would pad
 that one row to 16 and convert each tile through shared memory). On the H200 (benchmarks/NOTES.md, KV section),
 Llama-2-7B INT4 post-RoPE: CUDA-core 1.45-1.92x of cuDNN bf16 SDPA, tensor-core 0.81-1.01x in the same run; the
-wrapper picks the CUDA-core kernel whenever it applies.
+wrapper picks the CUDA-core kernel whenever it applies, unless the Gluon one does (kernels/attention_gluon.py:
+tensor cores fed from registers, MHA INT4 post-RoPE, head_dim 128, batch >= 8: 1.69-2.03x in the bar region).
 Prefill: the library's SDPA (torch.nn.functional.scaled_dot_product_attention, causal) over the sequence's K/V as
 read back from the cache (what the float simulation of the same KV format computes), or over the fresh float K/V
 of the chunk (Atom's choice); see atom_lab.kv_cache.
@@ -487,9 +488,21 @@ def _fp16_table(table: torch.Tensor) -> torch.Tensor:
     return kept[1]
 
 
-def default_variant(core_ok: bool) -> str:
-    """The decode kernel a call gets when it names none (see benchmarks/NOTES.md, KV section)."""
-    return "core" if core_ok else "dot"
+def default_variant(core_ok: bool, gluon_fits: bool = False) -> str:
+    """The decode kernel a call gets when it names none (see benchmarks/NOTES.md, KV section): the Gluon kernel
+    where it applies (v8, H200: 1.69-2.03x cuDNN vs the CUDA-core kernel's 1.50-1.93x in the same run, faster in all
+    9 cases measured, batch 8-128), else the CUDA-core kernel, else the tensor-core one."""
+    return "gluon" if gluon_fits else "core" if core_ok else "dot"
+
+
+def _gluon_fits(core_ok, rope, D, page_size, B, tensors) -> bool:
+    """The Gluon kernel covers the call and was measured faster there: MHA INT4 post-RoPE, head_dim 128, pages of a
+    multiple of 16, batch >= 8 (smaller batches were not measured with its final options), contiguous storage
+    `tensors` (read as int32 words), a CUDA GPU with Gluon (never under the interpreter)."""
+    if not (core_ok and rope is None and D == 128 and page_size % 16 == 0 and B >= 8) or interpreting():
+        return False
+    from .attention_gluon import gluon_ok
+    return gluon_ok(tensors[0].device) and all(t.is_contiguous() for t in tensors)
 
 
 def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, bits: int, page_size: int,
@@ -559,7 +572,9 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     max_length = max_pages * page_size if max_length is None else max_length
     qpk = Hq // Hkv
     core_ok = bits == 4 and G == D and not key_tokens and window is None and qpk == 1
-    variant = variant or default_variant(core_ok)
+    named = variant
+    variant = variant or default_variant(core_ok, _gluon_fits(core_ok, rope, D, page_size, B,
+                                                              (k_codes, k_sz, v_codes, v_sz)))
     if variant == "gluon":  # tensor cores fed from registers (kernels/attention_gluon.py): MHA INT4 post-RoPE
         from .attention_gluon import gluon_ok
         if not (core_ok and rope is None and D == 128 and page_size % 16 == 0 and gluon_ok(q.device)
@@ -569,6 +584,10 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
                              f"page_size a multiple of 16, one query head per KV head (here bits={bits}, "
                              f"group={G}, rope={rope is not None}, head_dim={D}, page_size={page_size}, {qpk} "
                              f"query heads per KV head, device {q.device}).")
+        if num_stages not in (None, 1, 2):
+            if named:
+                raise ValueError(f"num_stages={num_stages}: the Gluon kernel keeps 1 or 2 tiles in flight per warp.")
+            num_stages = None  # a depth meant for the other kernels' pipeliner
         block_n, num_warps, programs = 16, 1, programs or GLUON_PROGRAMS
         num_stages = num_stages or GLUON_AHEAD
     elif variant not in ("dot", "core") or (variant == "core" and not core_ok):

@@ -29,8 +29,10 @@ except Exception:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
 BLOCK = 16  # tokens per step: the mma's N (scores) and K (output) extent
-# launch options (launch_gluon): grid order, the scores' mma chains, the read-only diagnostic
-OPTIONS = dict(heads_first=False, k_chains=1, read_only=False, maxnreg=None)
+# launch options (launch_gluon): grid order, the scores' mma chains, the read-only diagnostic, a register cap. The
+# defaults are the fastest measured on the H200 (benchmarks/NOTES.md, KV section, v8 second run): heads-first
+# +3-10%, 2 chains +5%, maxnreg 168 (12 warps per SM instead of 10) +10-25%
+OPTIONS = dict(heads_first=True, k_chains=2, read_only=False, maxnreg=168)
 
 
 def gluon_ok(device: torch.device) -> bool:

@@ -45,6 +45,16 @@ def gluon_bound(q, kc, ksz, vc, vsz, pt, lengths, page, sm_scale):
     return out[..., None]
 
 
+def test_default_variant():  # CPU too: the dispatch rule (the Gluon kernel where it fits, then CUDA cores)
+    from atom_lab.kernels.attention import _gluon_fits, default_variant
+    assert default_variant(True, True) == "gluon" and default_variant(True) == "core"
+    assert default_variant(False) == "dot"
+    t = torch.zeros(4)
+    assert not _gluon_fits(True, None, 128, 32, 4, (t,))  # batch < 8: not measured with the final options
+    assert not _gluon_fits(True, None, 64, 32, 8, (t,)) and not _gluon_fits(True, (t, 1.0), 128, 32, 8, (t,))
+    assert _gluon_fits(True, None, 128, 32, 8, (t,)) == (GPU and t.is_cuda)  # a CPU tensor never
+
+
 def test_channel_orders_are_permutations():  # CPU too: the index algebra the kernel's stores and q load use
     assert sorted(_k_channel().tolist()) == list(range(128))
     assert sorted(_v_channel().tolist()) == list(range(128))
@@ -74,9 +84,11 @@ def test_gluon_matches_ref_and_core(B, H, page, max_len, programs, ahead):
 
 
 @gpu
-@pytest.mark.parametrize("opts", [dict(heads_first=True), dict(k_chains=2), dict(maxnreg=168, heads_first=True)])
+@pytest.mark.parametrize("opts", [dict(heads_first=False, k_chains=1, maxnreg=None), dict(k_chains=1),
+                                  dict(maxnreg=None), dict(heads_first=False)])
 def test_gluon_launch_options(opts, monkeypatch):
-    """The grid order, the split mma chains and the register cap compute the same thing (same bound)."""
+    """The grid order, the split mma chains and the register cap (OPTIONS' defaults: all three on) compute the same
+    thing, within the same bound."""
     from atom_lab.kernels import attention_gluon
     monkeypatch.setattr(attention_gluon, "OPTIONS", {**attention_gluon.OPTIONS, **opts})
     gen = torch.Generator().manual_seed(7)
@@ -96,6 +108,9 @@ def test_gluon_refuses_what_it_does_not_cover():
     gen = torch.Generator().manual_seed(0)
     kc, ksz, vc, vsz, pt = (t.to(DEV) for t in make_cache(2, 2, 128, 4, 128, 8, [20, 9], gen))
     q = torch.randn(2, 2, 128, device=DEV)
+    with pytest.raises(ValueError, match="1 or 2 tiles in flight"):
+        paged_decode_attention(q, kc, ksz, vc, vsz, pt, torch.tensor([20, 9], dtype=torch.int32, device=DEV), 4, 16,
+                               0.1, variant="gluon", num_stages=3)
     with pytest.raises(ValueError, match="page_size a multiple of 16"):
         paged_decode_attention(q, kc, ksz, vc, vsz, pt, torch.tensor([20, 9], dtype=torch.int32, device=DEV), 4, 8,
                                0.1, variant="gluon")
