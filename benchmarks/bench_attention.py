@@ -229,7 +229,10 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="bf16,post,pre", help="comma-separated subset of bf16, post, pre")
     ap.add_argument("--families", default=None, help="comma-separated label prefixes of our configs to time "
                     "(default all: v5, dot_asm, core, gluon)")
+    ap.add_argument("--page-size", type=int, default=PAGE, help="tokens per page (the serving engine uses 16)")
     args = ap.parse_args(argv)
+    global PAGE
+    PAGE = args.page_size
     if args.smoke:
         return smoke()
     if not torch.cuda.is_available():
