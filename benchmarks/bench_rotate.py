@@ -28,7 +28,7 @@ import atom_lab  # noqa: F401  (must precede triton)
 import torch
 
 from atom_lab.kernels import silu_mul_quantize, silu_mul_rotate_quantize
-from atom_lab.kernels.act_quant import silu_mul_hadamard_quantize, silu_mul_hadamard_quantize_ref
+from atom_lab.kernels.act_quant_rotate import silu_mul_hadamard_quantize, silu_mul_hadamard_quantize_ref
 from atom_lab.rotation import kron_order, kron_rotation, rotation_matrix
 from benchmarks.common import GRAPH_FAILURES, bench_ms, device_facts
 

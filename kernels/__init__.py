@@ -29,9 +29,9 @@ else:
     from .pack import PACK_BLOCK, pack_int4, pack_int4_ref, unpack_int4, unpack_int4_ref
     from .act_quant import (
         reorder_quantize, reorder_quantize_naive, reorder_quantize_ref, rmsnorm_quantize, rmsnorm_quantize_ref,
-        rmsnorm_ref, silu_mul_quantize, silu_mul_quantize_ref, silu_mul_ref, silu_mul_rotate_quantize,
-        silu_mul_rotate_quantize_ref,
+        rmsnorm_ref, silu_mul_quantize, silu_mul_quantize_ref, silu_mul_ref,
     )
+    from .act_quant_rotate import silu_mul_rotate_quantize, silu_mul_rotate_quantize_ref
 
     __all__ = [
         "PACK_BLOCK", "pack_int4", "pack_int4_ref", "unpack_int4", "unpack_int4_ref",

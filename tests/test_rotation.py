@@ -9,8 +9,8 @@ import atom_lab
 from atom_lab import AtomConfig, QuantLinear, kl_divergence, quantize_model, set_backend
 from atom_lab.config import rotation_configs
 from atom_lab.kernels import silu_mul_ref, silu_mul_rotate_quantize, silu_mul_rotate_quantize_ref, unpack_int4
-from atom_lab.kernels.act_quant import (kron_dense, silu_mul_hadamard_quantize, silu_mul_hadamard_quantize_ref,
-                                       silu_mul_quantize)
+from atom_lab.kernels.act_quant import silu_mul_quantize
+from atom_lab.kernels.act_quant_rotate import kron_dense, silu_mul_hadamard_quantize, silu_mul_hadamard_quantize_ref
 from atom_lab.rotation import (KronRotation, dense_rotation, fold_rmsnorm, hadamard, hadamard_order_ok, kron_order,
                                kron_rotation, online_rotation, random_orthogonal, random_signs, rotate_model,
                                rotation_matrix)
