@@ -201,12 +201,11 @@ class PagedDecoder:
                 q = attn.q_proj(h).view(N, self.Hq, D)
                 k = attn.k_proj(h).view(N, self.Hkv, D)
                 v = attn.v_proj(h).view(N, self.Hkv, D)
-                # K before RoPE is stored as it comes (a copy when the rotation works in place); the fresh
-                # prompt's attention still needs it rotated
+                # K before RoPE is stored as it comes, and the fresh prompt's attention still needs it rotated:
+                # rotate a copy when the rotation works in place
                 pre = fmt.rope == "pre"
-                kin = k.clone() if pre and rope_rows.in_place else k
-                q, k_rot = rope_rows.rotate(q, k)
-                kin = kin if pre else k_rot
+                q, k_rot = rope_rows.rotate(q, k.clone() if pre and rope_rows.in_place else k)
+                kin = k if pre else k_rot
                 kc, ksz, vc, vsz = pool.k_codes[li], pool.k_sz[li], pool.v_codes[li], pool.v_sz[li]
                 out = torch.empty(N, self.Hq, D, dtype=torch.float32, device=dev)
                 if plan is not None:
@@ -240,10 +239,9 @@ class PagedDecoder:
         for t, n in zip(tables, lens):
             t.length += n
         x = self.inner.norm(x)[0]
-        if all_logits:
-            logits = self.model.lm_head(x).float()
-        else:
-            logits = self.model.lm_head(x[torch.tensor([o - 1 for o in offsets[1:]], device=dev)]).float()
+        if not all_logits:  # each sequence's last position only
+            x = x[torch.tensor([o - 1 for o in offsets[1:]], device=dev)]
+        logits = self.model.lm_head(x).float()
         if late_check:
             check_logits(logits)
         if all_logits:

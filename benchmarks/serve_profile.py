@@ -42,6 +42,11 @@ def _kernel_table(prof, top: int) -> tuple[float, list[dict]]:
     return sum(r["ms"] for r in rows), rows[:top]
 
 
+def _tokens(batch, prefill: bool) -> int:
+    """Tokens a step computed: the prompts of a prefill step, one per sequence of a decode step."""
+    return sum(len(s.prompt) for s in batch) if prefill else len(batch)
+
+
 def _profiled_step(eng, cuda: bool, top: int, prefill: bool) -> dict:
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     bench._sync()
@@ -51,8 +56,7 @@ def _profiled_step(eng, cuda: bool, top: int, prefill: bool) -> dict:
         bench._sync()
         wall = 1e3 * (time.perf_counter() - t0)
     gpu_ms, kernels = _kernel_table(prof, top) if cuda else (None, [])
-    tokens = sum(len(s.prompt) for s in batch) if prefill else len(batch)
-    return {"batch": len(batch), "tokens": tokens, "wall_ms": wall, "gpu_kernel_ms": gpu_ms,
+    return {"batch": len(batch), "tokens": _tokens(batch, prefill), "wall_ms": wall, "gpu_kernel_ms": gpu_ms,
             "host_not_hidden_ms": None if gpu_ms is None else wall - gpu_ms, "top_kernels": kernels}
 
 
@@ -67,8 +71,7 @@ def _timed_step(eng, prefill: bool, host_top: int) -> dict:
     if prof:
         prof.disable()
     bench._sync()
-    out = {"wall_ms": 1e3 * (time.perf_counter() - t0), "batch": len(batch),
-           "tokens": sum(len(s.prompt) for s in batch) if prefill else len(batch)}
+    out = {"wall_ms": 1e3 * (time.perf_counter() - t0), "batch": len(batch), "tokens": _tokens(batch, prefill)}
     if prof:
         st = pstats.Stats(prof)
         rows = [{"function": f"{fn[0].split('/')[-1]}:{fn[1]}:{fn[2]}", "calls": v[1], "own_ms": 1e3 * v[2],

@@ -216,10 +216,7 @@ def _kv_write_channel_kernel(x_ptr, slot_ptr, codes_ptr, sz_ptr, H, D: tl.conste
     x = tl.load(x_ptr + (tok[:, None] * H + h) * D + d[None, :]).to(tl.float32)  # [TG, D]
     lo = tl.minimum(tl.min(x, axis=0), 0.0)
     hi = tl.maximum(tl.max(x, axis=0), 0.0)
-    # NaN/inf in a group: tl.min/max drop NaN, so without this the codes would be finite garbage; x * 0 is NaN for
-    # exactly those values (else +0, which leaves the scale unchanged), so the stored scale turns NaN and every read
-    # of the group is NaN, as the reference's amax gives: the step's logits show it (PagedDecoder checks them)
-    poison = tl.sum(x * 0.0, axis=0)
+    poison = tl.sum(x * 0.0, axis=0)  # a NaN scale for a group with NaN/inf, as in _kv_write_kernel
     scale = (tl.maximum(tl.math.div_rn(hi - lo, tl.full(lo.shape, maxq, tl.float32)), _MIN_SCALE) + poison)
     scale = scale.to(tl.float16)
     s32 = scale.to(tl.float32)
