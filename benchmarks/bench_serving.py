@@ -132,7 +132,7 @@ def run(eng, workload, seed=0, capture_batches=None, outputs=None):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         live0 = torch.cuda.memory_allocated(dev)
-    decode_times, prefill_s, tokens, decode_tokens, running = [], 0.0, 0, 0, 0
+    decode_times, prefill_times, tokens, decode_tokens, running = [], [], 0, 0, 0
     t0 = time.perf_counter()
     while not eng.scheduler.is_finished:
         t = time.perf_counter()
@@ -143,7 +143,7 @@ def run(eng, workload, seed=0, capture_batches=None, outputs=None):
         tokens += len(batch)
         running = max(running, len(batch))
         if eng.stats["prefill_steps"] > p0:
-            prefill_s += dt
+            prefill_times.append(dt)
         else:
             decode_times.append(dt)
             decode_tokens += len(batch)
@@ -165,7 +165,10 @@ def run(eng, workload, seed=0, capture_batches=None, outputs=None):
     dsum = sum(decode_times)
     st = eng.runner.static
     return {"requests": len(workload), "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-            "decode_tokens_per_s": decode_tokens / dsum if dsum else None, "prefill_seconds": prefill_s,
+            "decode_tokens_per_s": decode_tokens / dsum if dsum else None, "prefill_seconds": sum(prefill_times),
+            "prefill_steps": len(prefill_times), "prefill_step_ms": [round(1e3 * t, 2) for t in prefill_times],
+            "graph_prefill_steps": eng.runner.graph_prefill_steps,
+            "graph_prefill_tokens": eng.runner.graph_prefill,
             "decode_steps": len(decode_times), "decode_latency_ms": 1e3 * dsum / max(1, len(decode_times)),
             "first_decode_ms": 1e3 * decode_times[0] if decode_times else None,
             "last_decode_ms": 1e3 * decode_times[-1] if decode_times else None,

@@ -67,8 +67,10 @@ def _kv(p) -> str:
 
 def sim_point(shape, p, rope, **cost):
     work, cap = workload_of(p)
+    # the engine's graph_prefill as the run recorded it (runs before it had none: 0)
     return simulate(shape, _format(p), H200, 200e9, work, max_num_seqs=cap, max_tokens_per_step=STEP_TOKENS,
-                    page_size=PAGE, num_pages=p["measured"]["num_pages"], rope=rope, **cost)
+                    page_size=PAGE, num_pages=p["measured"]["num_pages"], rope=rope,
+                    graph_prefill=p["measured"].get("graph_prefill_tokens", 0), **cost)
 
 
 def fitted_cost(params, p) -> dict:

@@ -36,13 +36,17 @@ def hf_greedy(model, prompt, n):
     return out.sequences[0, len(prompt):].tolist(), (top2[:, 0] - top2[:, 1]).min().item()
 
 
+@pytest.mark.parametrize("graph_prefill", [False, True], ids=["eager-prefill", "graph-prefill"])
 @pytest.mark.parametrize("num_pages", [64, 6], ids=["roomy", "preempting"])
-def test_float_greedy_equals_transformers_generate(tiny, num_pages):
+def test_float_greedy_equals_transformers_generate(tiny, num_pages, graph_prefill):
+    # graph_prefill: the prefill steps (38 prompt tokens at most, <= max_num_seqs) run as one decode row per prompt
+    # token, each attending over the rows written before it: causal attention, so the same tokens as generate
     model, _ = tiny
     ps = prompts()
     eng = Engine(model, KVFormat(bits=16, dtype=torch.float32), num_pages=num_pages, page_size=4,
-                 kernels="reference")
+                 kernels="reference", graph_prefill=graph_prefill)
     outs = eng.generate(ps, SamplingParams(max_new_tokens=NEW))
+    assert (eng.runner.graph_prefill_steps > 0) == graph_prefill
     if num_pages == 6:  # 24 slots for 5 requests of up to 22 tokens: some must be preempted and recomputed
         assert eng.scheduler.num_preemptions > 0
     for p, o in zip(ps, outs):
@@ -70,6 +74,14 @@ def test_quantized_batched_equals_one_at_a_time(tiny):
         ps, SamplingParams(max_new_tokens=4))
     alone = [Engine(q, kv, num_pages=32, page_size=16, kernels="triton").generate(
         [p], SamplingParams(max_new_tokens=4))[0] for p in ps]
+    assert batched == alone
+    # graph_prefill: the prompts' rows share one static step (and read their INT4 codes back); two prompts, two
+    # tokens keep the interpreter's time down
+    eng = Engine(q, kv, num_pages=32, page_size=16, kernels="triton", graph_prefill=True)
+    batched = eng.generate(ps[1:], SamplingParams(max_new_tokens=2))
+    assert eng.runner.graph_prefill_steps == 1
+    alone = [Engine(q, kv, num_pages=32, page_size=16, kernels="triton", graph_prefill=True).generate(
+        [p], SamplingParams(max_new_tokens=2))[0] for p in ps[1:]]
     assert batched == alone
 
 
@@ -129,3 +141,17 @@ def test_fresh_prefill_attends_over_float_kv(tiny, rope):
     scale = ref.abs().max().item()
     assert (got["fresh"] - ref).abs().max().item() <= 1e-4 * scale
     assert (got["cache"] - ref).abs().max().item() > 1e-3 * scale
+
+
+
+def test_static_decoder_refuses_window_formats(tiny):
+    # the static decode step reads no float window: a windowed pool must not reach it (it would drop the window)
+    from atom_lab.kv_cache import PagePool
+    from atom_lab.paged_model import PagedDecoder
+    from atom_lab.serve.decode_graph import StaticDecoder
+
+    model, _ = tiny
+    pool = PagePool.for_model(model, KVFormat(bits=4, dtype=torch.float32, window=4), 4, num_pages=4, device="cpu",
+                              max_seqs=2)
+    with pytest.raises(ValueError, match="float window"):
+        StaticDecoder(PagedDecoder(model, pool, kernels="reference"), 2, 4, pool.allocate(1)[0])

@@ -106,3 +106,14 @@ def test_engine_constants_are_the_fit_of_the_committed_serving_json():
     for w in params["gemm_scale"]:
         assert round(params["gemm_scale"][w], 2) == sim.ENGINE_GEMM_SCALE[w]
         assert round(params["prefill_scale"][w], 2) == sim.ENGINE_PREFILL_SCALE[w]
+
+def test_graph_prefill_costs_a_decode_step_of_one_row_per_token():
+    # the engine's graph_prefill: a short prefill step runs as decode rows, so the simulator must price it as one
+    fmt = Format("w4a4", 4)
+    cost = CostModel(LLAMA_7B, fmt, H200)
+    one = simulate(LLAMA_7B, fmt, H200, 24 * GIB, [(3, 1), (2, 1)], max_num_seqs=8, graph_prefill=5)
+    rows = cost.step([1, 2, 3, 1, 2], [1] * 5, False)  # positions 0-2 and 0-1 read 1..3 and 1..2 tokens
+    assert one.seconds == pytest.approx(sum(rows.values()), rel=1e-12)
+    assert one.decode_steps == 0  # still a prefill step of the scheduler: 1 new token each, nothing decoded
+    eager = simulate(LLAMA_7B, fmt, H200, 24 * GIB, [(3, 1), (2, 1)], max_num_seqs=8, graph_prefill=4)
+    assert eager.seconds == pytest.approx(sum(cost.step([3, 2], [3, 2], True).values()), rel=1e-12)

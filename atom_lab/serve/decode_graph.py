@@ -22,15 +22,14 @@ PagedDecoder.step, which tests/test_serve_graph.py checks; graph replay == eager
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
 import torch
-import triton
 
-from atom_lab.kernels._common import interpreting
 from atom_lab.kernels.attention import paged_decode_attention, paged_decode_attention_ref
-from atom_lab.kernels.kv_cache import _kv_write_kernel, kv_write_ref
+from atom_lab.kernels.kv_cache import kv_write, kv_write_ref
 from atom_lab.paged_model import PagedDecoder, RopeAt, _kv_outputs_unquantized, check_logits
 
 
@@ -42,18 +41,6 @@ def default_buckets(max_batch: int) -> list[int]:
         out.append(b)
         b = b * 2 if b < 8 else b + (8 if b < 32 else 16 if b < 128 else 32)
     return sorted(set(out + [max_batch]))
-
-
-def _kv_write_unchecked(x, slots, codes, sz, bits: int, group_size: int) -> None:
-    """kernels.kv_cache.kv_write without its input checks: they read a tensor back to the host (isfinite), which a
-    CUDA graph cannot capture. The checked call already ran on the same shapes in the warm-up step."""
-    if bits >= 16:
-        kv_write_ref(x, slots, codes, sz, bits, group_size)
-        return
-    T, H, D = x.shape
-    block_t = 64 if interpreting() else 4
-    _kv_write_kernel[(triton.cdiv(T, block_t), H)](x.contiguous(), slots, codes, sz, T, H, D=D, G=group_size,
-                                                   BITS=bits, BLOCK_T=block_t)
 
 
 class StaticDecoder:
@@ -78,6 +65,9 @@ class StaticDecoder:
         if not decoder.pool.is_allocated(scratch_page):
             raise ValueError(f"scratch_page={scratch_page} must be a page allocated in the pool and owned by no "
                              "sequence (allocate one and keep it out of the block manager).")
+        if decoder.pool.fmt.has_window:
+            raise ValueError(f"KV format {decoder.pool.fmt.name} keeps a float window (or per-channel key groups), "
+                             "which the static decode step does not read; use PagedDecoder.step for it.")
         self.dec, self.pool = decoder, decoder.pool
         self.device = decoder.device
         self.graphs_on = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
@@ -152,8 +142,9 @@ class StaticDecoder:
         fmt, D = pool.fmt, d.D
         triton_kernels = d.kernels == "triton"
         if triton_kernels:
-            from atom_lab.kernels.kv_cache import kv_write
-            write = kv_write if checked else _kv_write_unchecked
+            # unchecked inside a graph: the NaN/inf check reads a flag back to the host, which a CUDA graph cannot
+            # capture (the checked call runs in the warm-up step on the same shapes; decode() checks the logits)
+            write = functools.partial(kv_write, check_finite=checked)
         else:
             write = kv_write_ref
         rope = self.rope

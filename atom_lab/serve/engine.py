@@ -23,11 +23,12 @@ class Engine:
                  num_pages: int | None = None, page_size: int = 16, max_num_seqs: int = 64,
                  max_tokens_per_step: int = 2048, kernels: str | None = None, eos_token_id: int | None = None,
                  static_decode: bool = True, cuda_graphs: bool | None = None, max_model_len: int | None = None,
-                 fp8_weights: bool = False, prefill: str = "fresh", fuse_projections: bool | None = None):
+                 fp8_weights: bool = False, prefill: str = "fresh", fuse_projections: bool | None = None,
+                 graph_prefill: bool | None = None):
         kv = kv or KVFormat(bits=16, dtype=next(model.parameters()).dtype)
         self.runner = ModelRunner(model, kv, budget_bytes, num_pages, page_size, max_tokens_per_step,
                                   max_num_seqs, kernels, static_decode, cuda_graphs, max_model_len, fp8_weights,
-                                  prefill, fuse_projections)
+                                  prefill, fuse_projections, graph_prefill)
         ids = self.runner.page_ids
         self.block_manager = BlockManager(len(ids), self.runner.pool.page_size, ids)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_tokens_per_step), self.block_manager)

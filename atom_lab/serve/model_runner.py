@@ -12,11 +12,17 @@ profiled prefill step, plus the decode graphs' share); check_budget reports the 
 
 Decode steps (one new token per sequence) run from static buffers (serve/decode_graph.py): on a GPU they replay a
 CUDA graph captured per batch-size bucket, on the CPU the same forward runs eagerly. Prefill steps, and decode steps
-of a sequence longer than max_model_len, run eagerly through PagedDecoder.step. One page of the pool is kept out
+of a sequence longer than max_model_len, run eagerly through PagedDecoder.step, except a prefill step of at most
+graph_prefill new tokens in all (128 by default on a GPU): it replays a decode graph with one row per prompt token
+(its page table, its position, its token), because each row's K/V is written before any row attends, so row i of a
+prompt sees exactly the tokens j <= i, as a causal prefill does. An eager step of a W4A4 model costs ~30 kernel
+launches of host work per layer whatever its size, so with short prompts arriving every few steps (Atom's lognormal
+workload) the eager prefill steps, not the decode steps, took ~90% of the time. One page of the pool is kept out
 of the block manager as the scratch page the padding rows of a bucket write to.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -27,6 +33,11 @@ from atom_lab.serve.decode_graph import StaticDecoder
 from atom_lab.serve.fuse import fuse_projections as stack_projections
 from atom_lab.serve.memory import ModelShape, activation_bytes
 from atom_lab.serve.request import Sequence, sample
+
+# A prefill step of at most this many new tokens runs from the decode graphs by default (graph_prefill=True): Atom's
+# lognormal prompts average ~24 tokens, so an admission of a few requests fits, while the O(tokens^2) reads of the
+# one-row-per-token attention stay small next to the step's weight reads.
+GRAPH_PREFILL_TOKENS = 128
 
 
 class _StoredFP8Weight:
@@ -102,13 +113,19 @@ class ModelRunner:
             prompt's own float K/V, which are quantized into the pages as they are written, and no read-back of a
             whole prompt's cache) or "cache" (over the K/V as stored: what teacher-forced perplexity through the
             cache uses, atom_lab/kv_cache.py).
+        graph_prefill: the most new tokens of a prefill step that runs as rows of a decode graph (above); the
+            graphs' buckets then reach max(max_num_seqs, graph_prefill) rows. True = GRAPH_PREFILL_TOKENS (or
+            max_num_seqs if larger), False / 0 = never. Its prompts attend the K/V as stored, as a decode step does,
+            i.e. prefill="cache" for those steps whatever `prefill` says (the same numbers for a 16-bit cache; with
+            a quantized one the prompt's own keys are read back in its bits). Default: on where CUDA graphs are (a
+            GPU), off on the CPU.
     """
 
     def __init__(self, model, kv: KVFormat, budget_bytes: float | None = None, num_pages: int | None = None,
                  page_size: int = 16, max_tokens_per_step: int = 2048, max_num_seqs: int = 64,
                  kernels: str | None = None, static_decode: bool = True, cuda_graphs: bool | None = None,
                  max_model_len: int | None = None, fp8_weights: bool = False, prefill: str = "fresh",
-                 fuse_projections: bool | None = None):
+                 fuse_projections: bool | None = None, graph_prefill: bool | int | None = None):
         if (budget_bytes is None) == (num_pages is None):
             raise ValueError("pass exactly one of budget_bytes= (weights + KV pool + activations) or num_pages=.")
         self.model = model
@@ -122,6 +139,18 @@ class ModelRunner:
         self.shape = ModelShape.from_config(model.config)
         self.device = next(model.parameters()).device
         self.weight_bytes = model_bytes(model)
+        graphs_on = static_decode and (self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs))
+        if graph_prefill is None:
+            graph_prefill = graphs_on
+        if isinstance(graph_prefill, bool):
+            graph_prefill = max(max_num_seqs, GRAPH_PREFILL_TOKENS) if graph_prefill else 0
+        if not isinstance(graph_prefill, int) or graph_prefill < 0:
+            raise ValueError(f"graph_prefill={graph_prefill!r}: pass a bool or the most tokens (an int >= 0).")
+        if graph_prefill and not static_decode:
+            raise ValueError("graph_prefill runs prefill steps through the static decode buffers: it needs "
+                             "static_decode=True (or pass graph_prefill=False).")
+        self.graph_prefill, self.graph_prefill_steps = graph_prefill, 0
+        self.graph_rows = max(max_num_seqs, graph_prefill)  # the static buffers' (and the largest graph's) rows
         self.activation_reserve = activation_bytes(self.shape, max_tokens_per_step, max_num_seqs)
         self.measured_activations = None
         if budget_bytes is not None and self.device.type == "cuda":
@@ -130,7 +159,7 @@ class ModelRunner:
             # reserve the larger of the two, plus the decode graphs' share (their pool and static logits).
             self.measured_activations = self._profile_prefill(kv, page_size, max_tokens_per_step, max_model_len,
                                                               kernels, prefill)
-            graphs = max_num_seqs * (2 * self.shape.vocab * 4 + 8 * self.shape.intermediate * 2)
+            graphs = self.graph_rows * (2 * self.shape.vocab * 4 + 8 * self.shape.intermediate * 2)
             self.activation_reserve = max(self.activation_reserve, self.measured_activations) + graphs
         self.budget = budget_bytes
         if budget_bytes is not None:
@@ -153,7 +182,7 @@ class ModelRunner:
             scratch = self.page_ids.pop()
             cap = self.pool.capacity_tokens - page_size
             max_len = max_model_len or min(cap, getattr(model.config, "max_position_embeddings", cap) or cap)
-            self.static = StaticDecoder(self.decoder, max_num_seqs, math.ceil(max_len / page_size), scratch,
+            self.static = StaticDecoder(self.decoder, self.graph_rows, math.ceil(max_len / page_size), scratch,
                                         cuda_graphs=cuda_graphs)
 
     @torch.no_grad()
@@ -194,10 +223,19 @@ class ModelRunner:
     def run(self, batch: list[Sequence], is_prefill: bool) -> list[int]:
         """Compute the tokens of each sequence not yet in the cache (the whole prompt, or the newest token) and
         sample the next token of each. The block manager has already given every sequence its pages."""
-        if not is_prefill and self.static is not None:
-            pages = [s.pages for s in batch]
-            if all(len(s) - s.num_cached == 1 for s in batch) and self.static.fits(pages):
-                logits = self.static.decode(pages, [s.num_cached for s in batch], [s.tokens[-1] for s in batch])
+        if self.static is not None and (not is_prefill or self.graph_prefill):
+            new = [len(s) - s.num_cached for s in batch]
+            rows = sum(new)
+            if (rows <= self.graph_prefill if is_prefill else rows == len(batch)) \
+                    and self.static.fits([s.pages for s in batch]):
+                # one row per new token: (the sequence's pages, the token's position, the token)
+                pages = [s.pages for s, n in zip(batch, new) for _ in range(n)]
+                positions = [p for s in batch for p in range(s.num_cached, len(s))]
+                tokens = [t for s in batch for t in s.tokens[s.num_cached:]]
+                logits = self.static.decode(pages, positions, tokens)
+                if rows > len(batch):  # each sequence samples from its last row
+                    self.graph_prefill_steps += 1
+                    logits = logits[torch.tensor(list(itertools.accumulate(new)), device=logits.device) - 1]
                 return sample(logits, batch)
         tables = [PageTable(self.pool, pages=list(s.pages), length=s.num_cached) for s in batch]
         ids = [torch.tensor(s.tokens[s.num_cached:], dtype=torch.long, device=self.device) for s in batch]

@@ -241,11 +241,12 @@ class SimResult:
 
 def simulate(shape: ModelShape, fmt: Format, gpu: GPU, budget_bytes: float, workload: list[tuple[int, int]],
              max_num_seqs: int = 256, max_tokens_per_step: int = 8192, page_size: int = 16,
-             tp: int = 1, num_pages: int | None = None, **cost) -> SimResult:
+             tp: int = 1, num_pages: int | None = None, graph_prefill: int = 0, **cost) -> SimResult:
     """Serve `workload` ((prompt, output) lengths, all queued at t = 0) with the engine's scheduler and the cost
     model; the KV pool gets what the memory plan leaves of budget_bytes (per GPU: weights and KV split tp ways), or
-    exactly num_pages pages when given (to mirror an engine run). cost: CostModel fields (rope, kv_efficiency,
-    step_overhead, prefill_overhead)."""
+    exactly num_pages pages when given (to mirror an engine run). graph_prefill: as the engine's (ModelRunner): a
+    prefill step of at most this many new tokens costs a decode step of one row per token (its context = the
+    token's position + 1). cost: CostModel fields (rope, kv_efficiency, step_overhead, prefill_overhead)."""
     cost = CostModel(shape, fmt, gpu, tp, **cost)
     p = plan(shape, fmt, budget_bytes * tp, tokens_per_request=1, tokens_per_step=max_tokens_per_step,
              max_batch_rows=max_num_seqs)
@@ -260,7 +261,11 @@ def simulate(shape: ModelShape, fmt: Format, gpu: GPU, budget_bytes: float, work
     while not sched.is_finished:
         batch, prefill = sched.schedule()
         new = [len(s) - s.num_cached for s in batch]
-        t = cost.step([len(s) for s in batch], new, prefill)
+        if prefill and sum(new) <= graph_prefill:
+            rows = [c for s, n in zip(batch, new) for c in range(len(s) - n + 1, len(s) + 1)]
+            t = cost.step(rows, [1] * len(rows), False)
+        else:
+            t = cost.step([len(s) for s in batch], new, prefill)
         dt = sum(t.values())
         for k, v in t.items():
             breakdown[k] = breakdown.get(k, 0.0) + v
