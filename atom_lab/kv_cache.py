@@ -163,16 +163,23 @@ class KVFormat:
 class PagePool:
     """Fixed-size pages of K/V for every layer. Page p holds tokens [p*page_size, (p+1)*page_size) of slots.
 
-    Storage per layer l (tensors on `device`):
-        k_codes[l], v_codes[l]: uint8 [num_pages * page_size, num_kv_heads, code_bytes] (bits 4/8) or
-                                fmt.dtype [num_pages * page_size, num_kv_heads, head_dim] (bits 16);
-        k_sz[l], v_sz[l]:       float16 [num_pages * page_size, num_kv_heads, head_dim / G, 2] (scale, zero),
+    Storage per layer l (tensors on `device`), head-major pages: page p of head h is one contiguous block, and
+    slot s = p * page_size + offset of head h is row (s // page_size, h, s % page_size) (kernels/kv_cache.py
+    read_slots / write_slots / page_row: the one place that rule lives):
+        k_codes[l], v_codes[l]: uint8 [num_pages, num_kv_heads, page_size, code_bytes] (bits 4/8) or
+                                fmt.dtype [num_pages, num_kv_heads, page_size, head_dim] (bits 16);
+        k_sz[l], v_sz[l]:       float16 [num_pages, num_kv_heads, page_size, head_dim / G, 2] (scale, zero),
                                 None for bits 16; KIVI keys (fmt.key_tokens = Tg): k_sz[l] is float16
-                                [num_pages * page_size / Tg, num_kv_heads, head_dim, 2], one pair per channel per
-                                group of Tg consecutive slots (a group never straddles a page: Tg divides page_size).
+                                [num_pages, num_kv_heads, page_size / Tg, head_dim, 2], one pair per channel per
+                                group of Tg consecutive slots (group row slot // Tg; a group never straddles a page:
+                                Tg divides page_size).
+    Why head-major: a decode program reads one head; token-major pages ([slot, head, bytes]) gave it 64-byte pieces
+    at a num_kv_heads x 64-byte stride, which capped any INT4 kernel near 3 TB/s on the H200 (benchmarks/NOTES.md,
+    KV section, v8). One rule for every format (bf16 rows too), so every kernel addresses the pool one way.
         k_win[l], v_win[l]:     fmt.dtype [max_seqs * W, num_kv_heads, head_dim], W = fmt.window_capacity: each
                                 sequence's float window (its newest, not yet quantized tokens) as a ring, token p
                                 at row window_id * W + p % W. Only when fmt.has_window (else empty lists).
+                                Token-major: a ring is at most W rows per sequence, read once per step.
     max_seqs: the number of float windows (sequences that can hold pages at once); needed when fmt.has_window.
     Their bytes count in nbytes and bytes_per_token and come out of budget_bytes before the pages.
     """
@@ -222,13 +229,13 @@ class PagePool:
         self.num_pages = num_pages
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        S = num_pages * page_size
+        page = (num_pages, num_kv_heads, page_size)
         if fmt.bits == 16:
-            shape, dt = (S, num_kv_heads, head_dim), fmt.dtype
+            shape, dt = (*page, head_dim), fmt.dtype
         else:
-            shape, dt = (S, num_kv_heads, code_bytes(fmt.bits, head_dim)), torch.uint8
-        sz_shape = (S, num_kv_heads, head_dim // G, 2)
-        ksz_shape = (S // Tg, num_kv_heads, head_dim, 2) if fmt.key_tokens else sz_shape
+            shape, dt = (*page, code_bytes(fmt.bits, head_dim)), torch.uint8
+        sz_shape = (*page, head_dim // G, 2)
+        ksz_shape = (num_pages, num_kv_heads, page_size // Tg, head_dim, 2) if fmt.key_tokens else sz_shape
 
         def alloc(shape=shape, dt=dt):
             return [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(num_layers)]

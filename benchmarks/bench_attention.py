@@ -10,7 +10,8 @@ Timed in one run on one GPU (CUDA-graph replays of each call, median of triton.t
   ours_kivi       KIVI: INT4 keys per channel over groups of 32 tokens (post-RoPE), values per token per head, and
                   the newest 128 tokens in a float16 ring (a second launch, merged by LSE)
 Shapes: Llama-2-7B attention (32 query heads x 128 = 32 KV heads) and GQA 32 q / 8 KV heads, head_dim 128, page
-size 32 (Atom's), every sequence at the full context. Random data (no model files on the GPU machine). Each of our
+size 32 (Atom's; --page-size 16 is the serving engine's), PagePool's head-major pages, every sequence at the full
+context. Random data (no model files on the GPU machine). Each of our
 kernels is checked on the GPU against paged_decode_attention_ref on the batch's first sequence (err_* in the JSON).
 The pre-RoPE kernel reads a cos/sin table built once (rope_table), as a decoder would.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -74,17 +76,18 @@ KIVI_TG, KIVI_WINDOW = 32, 128
 
 
 def paged_cache(B, ctx, Hkv, bits, gen):
+    """PagePool's layout (head-major pages [n_pages, Hkv, PAGE, ...]), pages in random order."""
     pages_per_seq = ctx // PAGE
     n_pages = B * pages_per_seq
-    S = n_pages * PAGE
+    page = (n_pages, Hkv, PAGE)
     if bits == 16:
-        kc = torch.randn(S, Hkv, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+        kc = torch.randn(*page, D, device=DEV, dtype=torch.bfloat16, generator=gen)
         vc = torch.randn_like(kc)
         ksz = vsz = None
     else:
-        kc = torch.randint(0, 256, (S, Hkv, D // 2), device=DEV, dtype=torch.uint8, generator=gen)
-        vc = torch.randint(0, 256, (S, Hkv, D // 2), device=DEV, dtype=torch.uint8, generator=gen)
-        ksz = torch.empty(S, Hkv, 1, 2, device=DEV, dtype=torch.float16)
+        kc = torch.randint(0, 256, (*page, D // 2), device=DEV, dtype=torch.uint8, generator=gen)
+        vc = torch.randint(0, 256, (*page, D // 2), device=DEV, dtype=torch.uint8, generator=gen)
+        ksz = torch.empty(*page, 1, 2, device=DEV, dtype=torch.float16)
         ksz[..., 0] = 0.05
         ksz[..., 1] = 8.0
         vsz = ksz.clone()
@@ -95,9 +98,10 @@ def paged_cache(B, ctx, Hkv, bits, gen):
 
 
 def kivi_cache(B, ctx, Hkv, gen):
-    """paged_cache(bits=4) with per-channel key pairs [S / Tg, Hkv, D, 2] and a float16 ring per sequence."""
+    """paged_cache(bits=4) with per-channel key pairs [n_pages, Hkv, PAGE / Tg, D, 2] and a float16 ring per
+    sequence."""
     kc, _, vc, vsz, pt, lengths = paged_cache(B, ctx, Hkv, 4, gen)
-    ksz = torch.empty(kc.shape[0] // KIVI_TG, Hkv, D, 2, device=DEV, dtype=torch.float16)
+    ksz = torch.empty(kc.shape[0], Hkv, PAGE // KIVI_TG, D, 2, device=DEV, dtype=torch.float16)
     ksz[..., 0], ksz[..., 1] = 0.05, 8.0
     cap = KIVI_WINDOW + KIVI_TG - 1
     k_win = torch.randn(B * cap, Hkv, D, device=DEV, dtype=torch.float16, generator=gen)
@@ -217,6 +221,7 @@ def smoke() -> int:
 
 
 def main(argv=None) -> int:
+    global PAGE  # --page-size sets the module's page size, read by paged_cache and the calls
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="batches 8/128, contexts 4096/16384 only")
@@ -230,8 +235,9 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default=None, help="comma-separated label prefixes of our configs to time "
                     "(default all: v5, dot_asm, core, gluon)")
     ap.add_argument("--page-size", type=int, default=PAGE, help="tokens per page (the serving engine uses 16)")
+    ap.add_argument("--only", default=None, help="a regular expression: time only our configs whose label matches "
+                    "it (bf16 ones too), e.g. the library's defaults, to fit many cases in one run")
     args = ap.parse_args(argv)
-    global PAGE
     PAGE = args.page_size
     if args.smoke:
         return smoke()
@@ -244,6 +250,11 @@ def main(argv=None) -> int:
     contexts = [int(x) for x in args.contexts.split(",")] if args.contexts else contexts
     formats = set(args.formats.split(","))
     families = set(args.families.split(",")) if args.families else None
+    only = re.compile(args.only) if args.only else None
+
+    def keep(cfgs):
+        return {k: v for k, v in cfgs.items() if (families is None or k.split()[0] in families)
+                and (only is None or only.search(k))}
     torch.manual_seed(0)  # randn_like below draws from the global generator
     gen = torch.Generator(device=DEV).manual_seed(0)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=DEV).float() / D))
@@ -266,7 +277,7 @@ def main(argv=None) -> int:
                 if "bf16" in formats:
                     c16 = paged_cache(B, ctx, Hkv, 16, gen)
                     row["err_bf16"] = check_first(q, c16, 16, ctx, None)
-                    times = bench_ours(q, c16, 16, ctx, None, print)
+                    times = bench_ours(q, c16, 16, ctx, None, print, configs=V5 if only is None else keep(V5))
                     row["ours_bf16_ms"], row["ours_bf16_cfg"] = best_of(times)
                     del c16
                 c4 = paged_cache(B, ctx, Hkv, 4, gen)
@@ -276,7 +287,7 @@ def main(argv=None) -> int:
                         continue
                     cfgs = {**V5, **DOT_ASM, **((CORE if mode == "post" else CORE_PRE) if Hq == Hkv else {}),
                             **(GLUON if mode == "post" and Hq == Hkv and gluon_ok(q.device) else {})}
-                    cfgs = {k: v for k, v in cfgs.items() if families is None or k.split()[0] in families}
+                    cfgs = keep(cfgs)
                     errs = {}
                     times = bench_ours(q, c4, 4, ctx, rope, print, configs=cfgs, errs=errs)
                     row["cfg_ms"][f"int4_{mode}"], row["err_family"][f"int4_{mode}"] = times, errs
@@ -298,7 +309,7 @@ def main(argv=None) -> int:
                 if args.kivi:
                     ck, win = kivi_cache(B, ctx, Hkv, gen)
                     errs = {}
-                    cfgs = {k: v for k, v in {**V5, **DOT_ASM}.items() if families is None or k.split()[0] in families}
+                    cfgs = keep({**V5, **DOT_ASM})
                     times = bench_ours(q, ck, 4, ctx, None, print, window=win, configs=cfgs, errs=errs)
                     row["cfg_ms"]["kivi"], row["err_family"]["kivi"] = times, errs
                     row["err_kivi"] = max(errs.values()) if errs else None

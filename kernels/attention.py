@@ -17,9 +17,12 @@ Prefill: the library's SDPA (torch.nn.functional.scaled_dot_product_attention, c
 read back from the cache (what the float simulation of the same KV format computes), or over the fresh float K/V
 of the chunk (Atom's choice); see atom_lab.kv_cache.
 
-Storage layout (atom_lab.kv_cache.PagePool): a layer's K codes [S, Hkv, code_bytes] with slot S = page * page_size +
-offset, (scale, zero) float16 [S, Hkv, D/G, 2]; a float cache stores [S, Hkv, D] in float16/bfloat16.
-KIVI keys (key_tokens = Tg): K's pairs are float16 [S / Tg, Hkv, D, 2], one per channel per group of Tg slots.
+Storage layout (atom_lab.kv_cache.PagePool), head-major pages: a layer's K codes [P, Hkv, page_size, code_bytes],
+(scale, zero) float16 [P, Hkv, page_size, D/G, 2]; a float cache stores [P, Hkv, page_size, D] in float16/bfloat16.
+Token t of a sequence sits at page = page_table[t // page_size], offset t % page_size, and one head's rows of a page
+are consecutive (kernels/kv_cache.py page_row / read_slots: the one address rule).
+KIVI keys (key_tokens = Tg): K's pairs are float16 [P, Hkv, page_size / Tg, D, 2], one per channel per group of Tg
+slots (group row slot // Tg).
 A float window (formats with window / key_tokens): each sequence's newest tokens [n_q, n) are unquantized in a ring
 k_win, v_win [num_windows * W, Hkv, D] (token p at row id * W + p % W). The decode kernel then runs twice, over
 the codes [0, n_q) and over the ring [n_q, n), and one LSE merge combines the splits of both.
@@ -32,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_tensor, interpreting
-from .kv_cache import dequantize_kv_channel_ref, dequantize_kv_ref
+from .kv_cache import dequantize_kv_channel_ref, dequantize_kv_ref, page_row, read_slots
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -57,15 +60,16 @@ def rope_table(inv_freq: torch.Tensor, scaling: float, n: int) -> torch.Tensor:
 
 def gather_kv_ref(codes: torch.Tensor, sz: torch.Tensor | None, bits: int, pages: torch.Tensor, length: int,
                   page_size: int, key_tokens: int | None = None) -> torch.Tensor:
-    """The first `length` tokens of one sequence as float32 [length, Hkv, D] (dequantized). pages: int [n_pages].
-    key_tokens: Tg when sz holds KIVI per-channel pairs [S / Tg, Hkv, D, 2]."""
+    """The first `length` tokens of one sequence as float32 [length, Hkv, D] (dequantized). pages: int [n_pages];
+    codes, sz: a layer's head-major storage (module docstring). key_tokens: Tg when sz holds KIVI per-channel pairs
+    [P, Hkv, page_size / Tg, D, 2]."""
     pos = torch.arange(length, device=codes.device)
     slots = pages.long()[pos // page_size] * page_size + pos % page_size
     if bits >= 16:
-        return codes[slots].float()
+        return read_slots(codes, slots).float()
     if key_tokens:
-        return dequantize_kv_channel_ref(codes[slots], sz[slots // key_tokens], bits)
-    return dequantize_kv_ref(codes[slots], sz[slots], bits)
+        return dequantize_kv_channel_ref(read_slots(codes, slots), read_slots(sz, slots // key_tokens), bits)
+    return dequantize_kv_ref(read_slots(codes, slots), read_slots(sz, slots), bits)
 
 
 def gather_window_ref(win: torch.Tensor, window_id: int, start: int, end: int, capacity: int) -> torch.Tensor:
@@ -86,7 +90,7 @@ def paged_decode_attention_ref(q, k_codes, k_sz, v_codes, v_sz, page_table, leng
         lengths: int32 [B] tokens in each sequence (>= 1), including the one just written.
         rope: (inv_freq float32 [D/2], scaling) when K is stored before RoPE (rotated here at positions 0..len-1);
             a third entry, rope_table(inv_freq, scaling, n) with n >= every length, is the kernel's (ignored here).
-        key_tokens: Tg for KIVI keys (k_sz float16 [S / Tg, Hkv, D, 2]), None for keys per token.
+        key_tokens: Tg for KIVI keys (k_sz float16 [P, Hkv, page_size / Tg, D, 2]), None for keys per token.
         window: (k_win, v_win, window_ids int32 [B], quant_lengths int32 [B], capacity W) when the newest tokens
             [quant_lengths[b], lengths[b]) sit in the float ring (module docstring); the codes hold [0, quant_len).
     Returns:
@@ -189,11 +193,12 @@ def _nibbles_f16(b, ASM: tl.constexpr):
 
 
 @triton.jit
-def _load_codes(codes_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, mask,
+def _load_codes(codes_ptr, row, HALF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, mask,
                 ASM: tl.constexpr = False):
-    """Rows `slot` [N] of head h -> codes of channels [0, D/2) and [D/2, D) as float16 [N, D/2] each (exact)."""
+    """Storage rows `row` [N] (page_row) -> codes of channels [0, D/2) and [D/2, D) as float16 [N, D/2] each
+    (exact)."""
     d = tl.arange(0, HALF)[None, :]
-    row = slot[:, None] * Hkv + h
+    row = row[:, None]
     m = mask[:, None]
     if BITS == 4:
         b = tl.load(codes_ptr + row * HALF + d, mask=m, other=0)
@@ -205,28 +210,29 @@ def _load_codes(codes_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, BI
 
 
 @triton.jit
-def _load_half(codes_ptr, sz_ptr, slot, h, Hkv, HALF: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+def _load_half(codes_ptr, sz_ptr, row, srow, HALF: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                BITS: tl.constexpr, mask, TG: tl.constexpr = 0, F32: tl.constexpr = False):
-    """Rows `slot` [N] of head h -> (channels [0, D/2), channels [D/2, D)) as float16 [N, D/2] each, dequantized
+    """Storage rows `row` [N] -> (channels [0, D/2), channels [D/2, D)) as float16 [N, D/2] each, dequantized
     (float32 with F32, for RoPE: one rounding to float16 after it). (c - z) * s in float16 is the float32 result
     rounded once: c - z is a small integer (exact) and the product of two float16 is exact in float32.
-    TG > 0: KIVI keys, the pair of channel c of slot s at sz[s // TG, h, c]."""
+    srow [N]: each row's row of pairs in sz (= row; TG > 0, KIVI keys: its token group's row, D pairs each)."""
     d = tl.arange(0, HALF)[None, :]
-    row = slot[:, None] * Hkv + h
+    srow = srow[:, None]
+    r2 = row[:, None]
     m = mask[:, None]
     OUT: tl.constexpr = tl.float32 if F32 else tl.float16
     if BITS == 16:
-        lo = tl.load(codes_ptr + row * D + d, mask=m, other=0.0).to(OUT)
-        hi = tl.load(codes_ptr + row * D + HALF + d, mask=m, other=0.0).to(OUT)
+        lo = tl.load(codes_ptr + r2 * D + d, mask=m, other=0.0).to(OUT)
+        hi = tl.load(codes_ptr + r2 * D + HALF + d, mask=m, other=0.0).to(OUT)
     else:
         NG: tl.constexpr = D // G
-        clo, chi = _load_codes(codes_ptr, slot, h, Hkv, HALF, D, BITS, mask)
+        clo, chi = _load_codes(codes_ptr, row, HALF, D, BITS, mask)
         if TG > 0:
-            base = sz_ptr + ((slot[:, None] // TG) * Hkv + h) * (D * 2)
+            base = sz_ptr + srow * (D * 2)
             glo = d * 2
             ghi = (d + HALF) * 2
         else:
-            base = sz_ptr + row * (NG * 2)
+            base = sz_ptr + srow * (NG * 2)
             glo = (d // G) * 2
             ghi = ((d + HALF) // G) * 2
         lo = (clo - tl.load(base + glo + 1, mask=m, other=0.0)).to(OUT) * \
@@ -255,8 +261,8 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
                          NSPLIT: tl.constexpr, KEY_TG: tl.constexpr, RING: tl.constexpr, HAS_START: tl.constexpr,
                          K_MODE: tl.constexpr, V_MODE: tl.constexpr, ASM: tl.constexpr):
     # Program (b, h, sp): query heads h*QPK .. h*QPK+QPK-1 of sequence b over tokens [t0, t0 + TPS) of its range
-    # [start_b, n_b); writes split split0 + sp of the (o, lse) buffers. RING: slot = pt[b, 0] * PAGE + t % PAGE
-    # (a float window, PAGE = its capacity) instead of a page-table lookup.
+    # [start_b, n_b); writes split split0 + sp of the (o, lse) buffers. RING: a float window (token-major rows
+    # (pt[b, 0] * PAGE + t % PAGE) * Hkv + h, PAGE = its capacity) instead of head-major pages (page_row).
     # K_MODE (how scores come out of the keys; the wrapper picks it):
     #   0 dequantize each element (float cache, sub-head groups, KIVI groups shorter than BLOCK_N), RoPE if asked;
     #   1 one (scale, zero) per token per head: scores s_t * (q . c_t - z_t * sum(q)) from the raw codes (post-
@@ -296,14 +302,14 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
         t = start + tl.arange(0, BLOCK_N)
         tmask = t < t_end
         if RING:
-            slot = tl.load(pt_ptr + b * max_pages).to(tl.int64) * PAGE + t % PAGE
+            row = (tl.load(pt_ptr + b * max_pages).to(tl.int64) * PAGE + t % PAGE) * Hkv + h
         else:
             page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)  # page table, per token
-            slot = page.to(tl.int64) * PAGE + t % PAGE
+            row = page_row(page, t % PAGE, h, Hkv, PAGE)
         if K_MODE == 1:
-            c_lo, c_hi = _load_codes(kc_ptr, slot, h, Hkv, HALF, D, BITS, tmask, ASM)
-            ks = tl.load(ksz_ptr + slot * (Hkv * 2) + h * 2, mask=tmask, other=0.0).to(tl.float32)
-            kz = tl.load(ksz_ptr + slot * (Hkv * 2) + h * 2 + 1, mask=tmask, other=0.0)
+            c_lo, c_hi = _load_codes(kc_ptr, row, HALF, D, BITS, tmask, ASM)
+            ks = tl.load(ksz_ptr + row * 2, mask=tmask, other=0.0).to(tl.float32)
+            kz = tl.load(ksz_ptr + row * 2 + 1, mask=tmask, other=0.0)
             if ROPE:  # rotate the exact integers c - z, round once to float16, the scale after the dot
                 u_lo, u_hi = _rope_rows((c_lo - kz[:, None]).to(tl.float32), (c_hi - kz[:, None]).to(tl.float32),
                                         tab_ptr, t, HALF, tmask)
@@ -314,14 +320,14 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
                 sc = ks[None, :] * (qc - kz.to(tl.float32)[None, :] * q_sum[:, None])
         elif K_MODE == 2 or K_MODE == 3:
             # the tile's tokens share one key group: its pairs are one [D] row of k_sz (scale, zero interleaved)
-            g = tl.load(pt_ptr + b * max_pages + start // PAGE).to(tl.int64) * (PAGE // KEY_TG) + \
-                (start % PAGE) // KEY_TG
-            gbase = ksz_ptr + (g * Hkv + h) * (D * 2)
+            g = page_row(tl.load(pt_ptr + b * max_pages + start // PAGE), (start % PAGE) // KEY_TG, h, Hkv,
+                         PAGE // KEY_TG)
+            gbase = ksz_ptr + g * (D * 2)
             s_lo = tl.load(gbase + d * 2)
             z_lo = tl.load(gbase + d * 2 + 1)
             s_hi = tl.load(gbase + (d + HALF) * 2)
             z_hi = tl.load(gbase + (d + HALF) * 2 + 1)
-            c_lo, c_hi = _load_codes(kc_ptr, slot, h, Hkv, HALF, D, BITS, tmask, ASM)
+            c_lo, c_hi = _load_codes(kc_ptr, row, HALF, D, BITS, tmask, ASM)
             if K_MODE == 2:
                 qs_lo = (q32_lo * s_lo.to(tl.float32)[None, :]).to(tl.float16)
                 qs_hi = (q32_hi * s_hi.to(tl.float32)[None, :]).to(tl.float16)
@@ -334,7 +340,11 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
                                         tab_ptr, t, HALF, tmask)
                 sc = tl.dot(q_lo, tl.trans(k_lo.to(tl.float16))) + tl.dot(q_hi, tl.trans(k_hi.to(tl.float16)))
         else:
-            k_lo, k_hi = _load_half(kc_ptr, ksz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask, KEY_TG, ROPE)
+            if KEY_TG > 0:  # the pairs of each token's key group
+                srow = page_row(page, (t % PAGE) // KEY_TG, h, Hkv, PAGE // KEY_TG)
+            else:
+                srow = row
+            k_lo, k_hi = _load_half(kc_ptr, ksz_ptr, row, srow, HALF, D, G, BITS, tmask, KEY_TG, ROPE)
             if ROPE:  # K stored before RoPE (Atom): rotate the dequantized halves at their positions
                 k_lo, k_hi = _rope_rows(k_lo, k_hi, tab_ptr, t, HALF, tmask)
                 k_lo, k_hi = k_lo.to(tl.float16), k_hi.to(tl.float16)
@@ -345,15 +355,15 @@ def _decode_split_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, start_
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if V_MODE == 1:
-            v_lo, v_hi = _load_codes(vc_ptr, slot, h, Hkv, HALF, D, BITS, tmask, ASM)
-            vs = tl.load(vsz_ptr + slot * (Hkv * 2) + h * 2, mask=tmask, other=0.0).to(tl.float32)
-            vz = tl.load(vsz_ptr + slot * (Hkv * 2) + h * 2 + 1, mask=tmask, other=0.0).to(tl.float32)
+            v_lo, v_hi = _load_codes(vc_ptr, row, HALF, D, BITS, tmask, ASM)
+            vs = tl.load(vsz_ptr + row * 2, mask=tmask, other=0.0).to(tl.float32)
+            vz = tl.load(vsz_ptr + row * 2 + 1, mask=tmask, other=0.0).to(tl.float32)
             ps16 = (p * vs[None, :]).to(tl.float16)
             pz = tl.sum(ps16.to(tl.float32) * vz[None, :], axis=1)  # the same rounded p * s as the dot
             acc_lo = acc_lo * alpha[:, None] + tl.dot(ps16, v_lo) - pz[:, None]
             acc_hi = acc_hi * alpha[:, None] + tl.dot(ps16, v_hi) - pz[:, None]
         else:
-            v_lo, v_hi = _load_half(vc_ptr, vsz_ptr, slot, h, Hkv, HALF, D, G, BITS, tmask)
+            v_lo, v_hi = _load_half(vc_ptr, vsz_ptr, row, row, HALF, D, G, BITS, tmask)
             p16 = p.to(tl.float16)
             acc_lo = acc_lo * alpha[:, None] + tl.dot(p16, v_lo)
             acc_hi = acc_hi * alpha[:, None] + tl.dot(p16, v_hi)
@@ -405,7 +415,7 @@ def _decode_core_kernel(q_ptr, kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, len_ptr
         t = start + tl.arange(0, BLOCK_N)
         tmask = t < t_end
         page = tl.load(pt_ptr + b * max_pages + t // PAGE, mask=tmask, other=0)
-        row = (page.to(tl.int64) * PAGE + t % PAGE) * Hkv + h
+        row = page_row(page, t % PAGE, h, Hkv, PAGE)
         kb = tl.load(kc_ptr + row[:, None] * HALF + d[None, :], mask=tmask[:, None], other=0)
         ks = tl.load(ksz_ptr + row * 2, mask=tmask, other=0.0).to(tl.float32)
         kz = tl.load(ksz_ptr + row * 2 + 1, mask=tmask, other=0.0).to(tl.float32)
@@ -547,9 +557,19 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
                          f"sequence of q ({B}).")
     if bits < 16 and k_codes.dtype != torch.uint8:
         raise TypeError(f"a {bits}-bit cache holds uint8 codes, got {k_codes.dtype}.")
-    if key_tokens and (bits >= 16 or k_sz.shape[2] != D):
+    for name, t in (("k_codes", k_codes), ("v_codes", v_codes), ("k_sz", k_sz), ("v_sz", v_sz)):
+        # the kernels compute addresses from the head-major page shape: a token-major (pre-v9) or strided tensor
+        # would be read as garbage, so it is refused here
+        if t is not None and (t.dim() < 4 or t.shape[:2] != k_codes.shape[:2] or not t.is_contiguous()):
+            raise ValueError(f"{name} {tuple(t.shape)} is not a contiguous head-major page tensor [pages, Hkv, "
+                             f"rows per page, ...] like k_codes {tuple(k_codes.shape)} (PagePool's layout).")
+    if k_codes.shape[2] != page_size or v_codes.shape != k_codes.shape:
+        raise ValueError(f"k_codes {tuple(k_codes.shape)} / v_codes {tuple(v_codes.shape)} do not hold pages of "
+                         f"page_size={page_size} tokens: [pages, Hkv, {page_size}, bytes] (PagePool's layout).")
+    if key_tokens and (bits >= 16 or tuple(k_sz.shape[2:]) != (page_size // key_tokens, D, 2)):
         raise ValueError(f"key_tokens={key_tokens} needs a quantized cache whose key pairs are per channel "
-                         f"[S / Tg, Hkv, {D}, 2]; got bits={bits}, k_sz {None if k_sz is None else tuple(k_sz.shape)}.")
+                         f"[P, Hkv, page_size / Tg, {D}, 2]; got bits={bits}, k_sz "
+                         f"{None if k_sz is None else tuple(k_sz.shape)}.")
     if not key_tokens and bits < 16 and k_sz.shape != v_sz.shape:
         raise ValueError(f"k_sz {tuple(k_sz.shape)} and v_sz {tuple(v_sz.shape)} differ: KIVI per-channel key pairs "
                          "need key_tokens=Tg (PagePool.key_tokens).")
@@ -567,7 +587,7 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
         if win_ids.shape[0] != B or quant_len.shape[0] != B:
             raise ValueError(f"window ids {tuple(win_ids.shape)} and quant_lengths {tuple(quant_len.shape)} need one "
                              f"entry per sequence of q ({B}).")
-    G = D if bits >= 16 else D // v_sz.shape[2]
+    G = D if bits >= 16 else D // v_sz.shape[3]
     max_pages = page_table.shape[1]
     max_length = max_pages * page_size if max_length is None else max_length
     qpk = Hq // Hkv

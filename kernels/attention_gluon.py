@@ -87,20 +87,27 @@ if HAVE_GLUON:
         + "}")
 
     @gluon.jit
+    def _page_row(page, off, h, H, ROWS: gl.constexpr):
+        """kernels/kv_cache.py page_row for Gluon (a Gluon kernel calls Gluon functions only): the int64 row of
+        (page, offset, head) in a head-major page tensor [P, H, ROWS, ...]."""
+        return (page.to(gl.int64) * H + h) * ROWS + off
+
+    @gluon.jit
     def _load_tile(kc_ptr, ksz_ptr, vc_ptr, vsz_ptr, pt_ptr, b, h, Hkv, max_pages, start, t_end, offs_k, offs_v,
                    tok_k, tok_v, tok_s, PAGE: gl.constexpr):
         """Code words and (scale, zero) pairs (one int32 each) of tokens [start, start + 16) of head h, masked past
         t_end (nothing is read when the whole tile is past it). The codes of masked tokens are left undefined (no
         zeroing moves): any 4-bit pattern unpacks to a finite 0..15 and their probabilities are exactly 0. The
-        tile lies in one page (PAGE % 16 == 0): one page-table read."""
+        tile lies in one page (PAGE % 16 == 0): one page-table read, and (head-major pages) its 16 rows of head h
+        are consecutive: 1 KB of K codes, 1 KB of V codes, 64 B of each pairs."""
         page = gl.load(pt_ptr + b * max_pages + start // PAGE, mask=start < t_end, other=0)
-        row0 = (page.to(gl.int64) * PAGE + start % PAGE) * Hkv + h  # the row of token `start`; + i * Hkv for i
+        row0 = _page_row(page, start % PAGE, h, Hkv, PAGE)  # the row of token `start`; + i for token start + i
         kw = gl.load(kc_ptr + row0 * 16 + offs_k, mask=(start + tok_k) < t_end)
         ve = gl.load(vc_ptr + row0 * 16 + offs_v, mask=(start + tok_v) < t_end)
-        vo = gl.load(vc_ptr + (row0 + Hkv) * 16 + offs_v, mask=(start + tok_v + 1) < t_end)
+        vo = gl.load(vc_ptr + (row0 + 1) * 16 + offs_v, mask=(start + tok_v + 1) < t_end)
         smask = (start + tok_s) < t_end
-        kp = gl.load(ksz_ptr + row0 + tok_s * Hkv, mask=smask, other=0)
-        vp = gl.load(vsz_ptr + row0 + tok_s * Hkv, mask=smask, other=0)
+        kp = gl.load(ksz_ptr + row0 + tok_s, mask=smask, other=0)
+        vp = gl.load(vsz_ptr + row0 + tok_s, mask=smask, other=0)
         return kw, ve, vo, kp, vp
 
     @gluon.jit
@@ -116,11 +123,11 @@ if HAVE_GLUON:
                              VL: gl.constexpr, AHEAD: gl.constexpr, HEADS_FIRST: gl.constexpr,
                              KCHAINS: gl.constexpr, READ_ONLY: gl.constexpr):
         # Program (b, h, sp), one warp: query head h of sequence b over tokens [t0, t0 + tokens_per_split).
-        # head_dim 128; kc, vc are the codes seen as int32 words [S, Hkv, 16] (4 bytes = 8 codes each).
-        # HEADS_FIRST: grid (H, B, splits), so the programs of neighbouring heads (whose 64-byte rows of a token are
-        # neighbours in memory) run at the same time; else (B, H, splits). KCHAINS 2: the scores' 8 dependent mma
-        # steps as 2 chains of 4 (k' < 64 and >= 64), summed. READ_ONLY: a diagnostic, the same loads and no math
-        # (the access pattern's own speed; the outputs are meaningless).
+        # head_dim 128; kc, vc are the codes seen as int32 words [P, Hkv, PAGE, 16] (4 bytes = 8 codes each).
+        # HEADS_FIRST: grid (H, B, splits), so the programs of neighbouring heads (whose pages of a sequence are
+        # neighbouring blocks in memory) run at the same time; else (B, H, splits).
+        # KCHAINS 2: the scores' 8 dependent mma steps as 2 chains of 4 (k' < 64 and >= 64), summed. READ_ONLY: a
+        # diagnostic, the same loads and no math (the access pattern's own speed; the outputs are meaningless).
         if HEADS_FIRST:
             h = gl.program_id(0)
             b = gl.program_id(1)
@@ -158,10 +165,10 @@ if HAVE_GLUON:
             q_op = gl.convert_layout(q2, A_OP)
 
         i_k = gl.arange(0, 16, layout=gl.SliceLayout(1, KL))
-        offs_k = gl.expand_dims(i_k * Hkv * 16, 1) + gl.expand_dims(gl.arange(0, 16, gl.SliceLayout(0, KL)), 0)
+        offs_k = gl.expand_dims(i_k * 16, 1) + gl.expand_dims(gl.arange(0, 16, gl.SliceLayout(0, KL)), 0)
         tok_k = gl.expand_dims(i_k, 1)
         u = gl.arange(0, 8, layout=gl.SliceLayout(1, VL))
-        offs_v = gl.expand_dims(u * 2 * Hkv * 16, 1) + gl.expand_dims(gl.arange(0, 16, gl.SliceLayout(0, VL)), 0)
+        offs_v = gl.expand_dims(u * 2 * 16, 1) + gl.expand_dims(gl.arange(0, 16, gl.SliceLayout(0, VL)), 0)
         tok_v = gl.expand_dims(u * 2, 1)
         tok_s = gl.arange(0, 16, layout=SL_TOK)
 
@@ -268,7 +275,8 @@ def launch_gluon(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths, o, lse, s
                  num_splits: int, tokens_per_split: int, ahead: int = 1, **options) -> None:
     """Stage 1 of decode attention (kernels/attention.py merges): writes o float32 [B, Hq, NSPLIT, D] and lse
     float32 [B, Hq, NSPLIT] for splits 0..num_splits-1 of tokens_per_split tokens (a multiple of 16).
-    q: [B, H, D] (one query head per KV head); k_codes, v_codes uint8 [S, H, D/2]; k_sz, v_sz float16 [S, H, 1, 2];
+    q: [B, H, D] (one query head per KV head); k_codes, v_codes uint8 [P, H, page_size, D/2]; k_sz, v_sz float16
+    [P, H, page_size, 1, 2] (head-major pages, PagePool's layout);
     page_table int32 [B, max_pages] (page_size % 16 == 0); lengths int32 [B]. ahead: tiles of 16 tokens in flight
     per warp (1 or 2). options: heads_first, k_chains, read_only (the kernel's comment) and maxnreg (a register
     cap: 168 fits 12 warps per SM, 194 without; no spills at AHEAD=1), default OPTIONS."""

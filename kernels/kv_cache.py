@@ -9,9 +9,12 @@ that applies RoPE after dequantizing (pre-RoPE keys, Atom) gets both halves from
 Codes follow atom_lab.quantizers.quantize_asymmetric bit for bit (min/max widened to contain 0, IEEE division,
 round half to even); the zero point is an integer 0..2^bits-1 stored exactly in float16.
 
-Storage ("slots"): a layer's codes are [num_pages * page_size, H, bytes] with slot = page * page_size + offset, so a
-write is a scatter of rows to slot indices (vLLM's slot_mapping). kv_write_ref is the PyTorch reference; kv_write
-is the Triton kernel (one program per (token, head)).
+Storage (head-major pages): a layer's codes are [num_pages, H, page_size, bytes], so the page_size rows of one head
+of one page are contiguous (1 KB of INT4 codes at page 16, head_dim 128): a decode program reading one head streams
+long runs instead of 64-byte pieces at an H x 64-byte stride (benchmarks/NOTES.md, KV section, v8-v9). Tokens are
+still named by slot = page * page_size + offset (vLLM's slot_mapping); slot s of head h is row (s // page_size, h,
+s % page_size). That rule lives in read_slots / write_slots (PyTorch) and page_row (Triton; the Gluon kernel has
+its twin). kv_write_ref is the PyTorch reference; kv_write is the Triton kernel (one program per (tokens, head)).
 """
 from __future__ import annotations
 
@@ -31,6 +34,29 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + M - M rounds half to 
 def code_bytes(bits: int, head_dim: int) -> int:
     """Bytes of codes per token per head."""
     return head_dim // 2 if bits == 4 else head_dim
+
+
+def read_slots(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rows of a head-major page tensor t [P, H, n, ...] (n rows per head per page) by row id r = page * n + offset:
+    -> [len(slots), H, ...] (a gather: a copy). Pool codes and pairs use n = page_size, KIVI key pairs n =
+    page_size / key_tokens with r = slot // key_tokens."""
+    s = slots.long()
+    n = t.shape[2]
+    return t[s // n, :, s % n]  # advanced indices split by a slice: the [T] index dimension comes first
+
+
+def write_slots(t: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """t[rows of `slots`] = rows, in place; the inverse of read_slots (rows [len(slots), H, ...])."""
+    s = slots.long()
+    n = t.shape[2]
+    t[s // n, :, s % n] = rows.to(t.dtype)
+
+
+@triton.jit
+def page_row(page, off, h, H, ROWS: tl.constexpr):
+    """int64 row of (page, offset in the page, head) in a head-major page tensor [P, H, ROWS, ...] (the Triton twin
+    of read_slots): one head's ROWS rows of a page are consecutive, so a program's tokens of one page are too."""
+    return (page.to(tl.int64) * H + h) * ROWS + off
 
 
 def pack_half_ref(codes: torch.Tensor) -> torch.Tensor:
@@ -64,20 +90,21 @@ def kv_write_ref(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, sz: 
     Args:
         x: float [T, H, D] the new K (or V) rows of the batch.
         slots: int [T] slot = page * page_size + offset of each row.
-        codes: [S, H, code_bytes] uint8 (bits 4/8) or [S, H, D] float16/bfloat16 (bits 16) storage.
-        sz: float16 [S, H, D/G, 2] (scale, zero) storage, None for bits 16.
+        codes: [P, H, page_size, code_bytes] uint8 (bits 4/8) or [P, H, page_size, D] float16/bfloat16 (bits 16)
+            storage (head-major pages, module docstring).
+        sz: float16 [P, H, page_size, D/G, 2] (scale, zero) storage, None for bits 16.
     """
     if bits >= 16:
-        codes[slots.long()] = x.to(codes.dtype)
+        write_slots(codes, slots, x)
         return
     c, s = quantize_kv_ref(x, bits, group_size)
-    codes[slots.long()] = c
-    sz[slots.long()] = s
+    write_slots(codes, slots, c)
+    write_slots(sz, slots, s)
 
 
 @triton.jit
 def _kv_write_kernel(x_ptr, slot_ptr, codes_ptr, sz_ptr, T, H, D: tl.constexpr, G: tl.constexpr,
-                     BITS: tl.constexpr, BLOCK_T: tl.constexpr):
+                     BITS: tl.constexpr, BLOCK_T: tl.constexpr, PAGE: tl.constexpr):
     # Program (i, h): rows i*BLOCK_T.. of head h, each quantized as D/G groups and stored at its slot.
     h = tl.program_id(1)
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -106,7 +133,7 @@ def _kv_write_kernel(x_ptr, slot_ptr, codes_ptr, sz_ptr, T, H, D: tl.constexpr, 
     y = tl.minimum(tl.maximum(y, -2.0 * maxq), 2.0 * maxq)  # clamped to the range below anyway
     y = (y + _ROUND_MAGIC) - _ROUND_MAGIC
     q = tl.minimum(tl.maximum(y + zero[:, :, None], 0.0), maxq).to(tl.uint8)  # [BT, NG, G]
-    row = slot * H + h  # [BT]
+    row = page_row(slot // PAGE, slot % PAGE, h, H, PAGE)  # [BT]
     ng = tl.arange(0, NG)[None, :]
     szp = sz_ptr + row[:, None] * (NG * 2) + ng * 2
     tl.store(szp, scale, mask=tmask[:, None])
@@ -148,12 +175,25 @@ def kv_write(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, sz: torc
     T, H, D = x.shape
     if D & (D - 1) or group_size & (group_size - 1):
         raise ValueError(f"the kernel needs head_dim ({D}) and group_size ({group_size}) to be powers of two.")
-    if codes.shape[1:] != (H, code_bytes(bits, D)) or sz is None or sz.shape[1:] != (H, D // group_size, 2):
-        raise ValueError(f"x rows [{H}, {D}] do not fit the cache storage {tuple(codes.shape)} / "
-                         f"{None if sz is None else tuple(sz.shape)} (bits={bits}, group_size={group_size}).")
+    check_storage(codes, sz, H, D, bits, group_size)
     block_t = 64 if interpreting() else 4  # the interpreter pays per program: few, large ones there
     _kv_write_kernel[(triton.cdiv(T, block_t), H)](x.contiguous(), slots.contiguous(), codes, sz, T, H, D=D,
-                                                    G=group_size, BITS=bits, BLOCK_T=block_t)
+                                                    G=group_size, BITS=bits, BLOCK_T=block_t, PAGE=codes.shape[2])
+
+
+def check_storage(codes: torch.Tensor, sz: torch.Tensor | None, H: int, D: int, bits: int, group_size: int,
+                  key_tokens: int | None = None) -> None:
+    """A layer's storage as PagePool allocates it (head-major pages, contiguous: the kernels compute addresses):
+    codes [P, H, page_size, code_bytes], sz [P, H, page_size, D/G, 2] or, KIVI keys, [P, H, page_size / Tg, D, 2]."""
+    P = codes.shape[0] if codes.dim() == 4 else None
+    ps = codes.shape[2] if codes.dim() == 4 else None
+    want_sz = None if sz is None else (P, H, ps // key_tokens, D, 2) if key_tokens else (P, H, ps, D // group_size, 2)
+    if (codes.dim() != 4 or codes.shape[1] != H or codes.shape[3] != code_bytes(bits, D) or sz is None
+            or tuple(sz.shape) != want_sz or not codes.is_contiguous() or not sz.is_contiguous()):
+        raise ValueError(f"x rows [{H}, {D}] do not fit the cache storage {tuple(codes.shape)} / "
+                         f"{None if sz is None else tuple(sz.shape)} (bits={bits}, group_size={group_size}, "
+                         f"key_tokens={key_tokens}): pass a PagePool layer's contiguous head-major tensors, codes "
+                         f"[pages, {H}, page_size, {code_bytes(bits, D)}] and pairs {want_sz or '[pages, H, ...]'}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,12 +220,12 @@ def dequantize_kv_channel_ref(codes: torch.Tensor, sz: torch.Tensor, bits: int) 
 def kv_write_channel_ref(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, bits: int,
                          token_group: int) -> None:
     """Write whole key groups, in place. x: float [M, H, D] (M a multiple of Tg; rows g*Tg .. g*Tg + Tg - 1 are one
-    group, their slots consecutive and the first a multiple of Tg); slots: int [M]; codes [S, H, code_bytes];
-    sz float16 [S / Tg, H, D, 2]."""
+    group, their slots consecutive and the first a multiple of Tg); slots: int [M]; codes [P, H, page_size,
+    code_bytes]; sz float16 [P, H, page_size / Tg, D, 2] (group row slot // Tg, head-major like the codes)."""
     check_key_groups(x, slots, token_group)
     c, s = quantize_kv_channel_ref(x, bits, token_group)
-    codes[slots.long()] = c
-    sz[slots.long()[::token_group] // token_group] = s
+    write_slots(codes, slots, c)
+    write_slots(sz, slots.long()[::token_group] // token_group, s)
 
 
 def check_key_groups(x: torch.Tensor, slots: torch.Tensor, token_group: int) -> None:
@@ -204,7 +244,7 @@ def check_key_groups(x: torch.Tensor, slots: torch.Tensor, token_group: int) -> 
 
 @triton.jit
 def _kv_write_channel_kernel(x_ptr, slot_ptr, codes_ptr, sz_ptr, H, D: tl.constexpr, TG: tl.constexpr,
-                             BITS: tl.constexpr):
+                             BITS: tl.constexpr, PAGE: tl.constexpr):
     # Program (g, h): the TG rows of group g of head h; min / max per channel over the group's tokens.
     g = tl.program_id(0)
     h = tl.program_id(1)
@@ -226,11 +266,11 @@ def _kv_write_channel_kernel(x_ptr, slot_ptr, codes_ptr, sz_ptr, H, D: tl.conste
     y = tl.minimum(tl.maximum(y, -2.0 * maxq), 2.0 * maxq)
     y = (y + _ROUND_MAGIC) - _ROUND_MAGIC
     q = tl.minimum(tl.maximum(y + zero[None, :], 0.0), maxq).to(tl.uint8)  # [TG, D]
-    grp = tl.load(slot_ptr + g * TG).to(tl.int64) // TG
-    szp = sz_ptr + (grp * H + h) * (D * 2) + d * 2
+    s0 = tl.load(slot_ptr + g * TG).to(tl.int64)  # the group's first slot (a multiple of TG)
+    szp = sz_ptr + page_row(s0 // PAGE, (s0 % PAGE) // TG, h, H, PAGE // TG) * (D * 2) + d * 2
     tl.store(szp, scale)
     tl.store(szp + 1, zero.to(tl.float16))
-    row = slot * H + h
+    row = page_row(slot // PAGE, slot % PAGE, h, H, PAGE)
     if BITS == 4:
         lo_q, hi_q = tl.split(tl.permute(tl.reshape(q, (TG, 2, D // 2)), (0, 2, 1)))
         tl.store(codes_ptr + row[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], lo_q | (hi_q << 4))
@@ -248,9 +288,7 @@ def kv_write_channel(x: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, 
     check_key_groups(x, slots, token_group)
     if D & (D - 1) or token_group & (token_group - 1):
         raise ValueError(f"the kernel needs head_dim ({D}) and token_group ({token_group}) to be powers of two.")
-    if codes.shape[1:] != (H, code_bytes(bits, D)) or sz.shape[1:] != (H, D, 2):
-        raise ValueError(f"x rows [{H}, {D}] do not fit the key storage {tuple(codes.shape)} / {tuple(sz.shape)} "
-                         f"(bits={bits}, per-channel pairs [S / Tg, H, D, 2]).")
+    check_storage(codes, sz, H, D, bits, D, token_group)
     if M:
         _kv_write_channel_kernel[(M // token_group, H)](x.contiguous(), slots.contiguous(), codes, sz, H, D=D,
-                                                        TG=token_group, BITS=bits)
+                                                        TG=token_group, BITS=bits, PAGE=codes.shape[2])

@@ -34,14 +34,14 @@ def make_cache(B, Hkv, D, bits, group, page, lengths, gen):
         for j in range(n):
             pt[b, j] = next(it)
     S = n_pages * page
-    if bits == 16:
-        kc = torch.randn(S, Hkv, D, generator=gen).to(DEV)
-        vc = torch.randn(S, Hkv, D, generator=gen).to(DEV)
+    if bits == 16:  # PagePool's head-major pages [pages, Hkv, page, ...]
+        kc = torch.randn(n_pages, Hkv, page, D, generator=gen).to(DEV)
+        vc = torch.randn(n_pages, Hkv, page, D, generator=gen).to(DEV)
         return kc, None, vc, None, pt.to(DEV)
     cb = D // 2 if bits == 4 else D
-    kc = torch.zeros(S, Hkv, cb, dtype=torch.uint8, device=DEV)
+    kc = torch.zeros(n_pages, Hkv, page, cb, dtype=torch.uint8, device=DEV)
     vc = torch.zeros_like(kc)
-    ksz = torch.zeros(S, Hkv, D // group, 2, dtype=torch.float16, device=DEV)
+    ksz = torch.zeros(n_pages, Hkv, page, D // group, 2, dtype=torch.float16, device=DEV)
     vsz = torch.zeros_like(ksz)
     slots = torch.arange(S, device=DEV)
     kv_write_ref(torch.randn(S, Hkv, D, generator=gen).to(DEV), slots, kc, ksz, bits, group)
@@ -160,8 +160,8 @@ def test_asm_unpack_is_the_triton_twin():
 def _one_page(Hq: int):
     """q [1, Hq, 64] over an empty INT4 cache, one 32-token page, 2 KV heads: (q, codes, pairs, table, lengths)."""
     q = torch.randn(1, Hq, 64, device=DEV)
-    kc = torch.zeros(32, 2, 32, dtype=torch.uint8, device=DEV)
-    sz = torch.zeros(32, 2, 1, 2, dtype=torch.float16, device=DEV)
+    kc = torch.zeros(1, 2, 32, 32, dtype=torch.uint8, device=DEV)
+    sz = torch.zeros(1, 2, 32, 1, 2, dtype=torch.float16, device=DEV)
     return q, kc, sz, torch.zeros(1, 1, dtype=torch.int32, device=DEV), torch.ones(1, dtype=torch.int32, device=DEV)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from atom_lab.kernels.attention import paged_decode_attention, paged_decode_attention_ref
 from atom_lab.kernels.attention_gluon import _k_channel, _v_channel, gluon_ok
-from atom_lab.kernels.kv_cache import dequantize_kv_ref
+from atom_lab.kernels.kv_cache import dequantize_kv_ref, read_slots
 
 from tests.test_attention import make_cache
 
@@ -31,7 +31,7 @@ DEV = "cuda"
 
 def gluon_bound(q, kc, ksz, vc, vsz, pt, lengths, page, sm_scale):
     """Per-sequence bound of the module docstring, [B, H] -> broadcast over channels."""
-    k = dequantize_kv_ref(kc, ksz, 4)  # [S, H, D]
+    k = dequantize_kv_ref(kc, ksz, 4)  # [P, H, page, D]
     v = dequantize_kv_ref(vc, vsz, 4)
     B, H, D = q.shape
     out = torch.zeros(B, H, device=q.device)
@@ -39,8 +39,9 @@ def gluon_bound(q, kc, ksz, vc, vsz, pt, lengths, page, sm_scale):
         n = int(lengths[b])
         pos = torch.arange(n, device=q.device)
         slots = pt[b].long()[pos // page] * page + pos % page
-        e_s = 2.0 ** -11 * sm_scale * (q[b].float().abs()[None] * k[slots].abs()).sum(-1).max(0).values  # [H]
-        vmax = v[slots].abs().amax(dim=(0, 2))
+        kb, vb = read_slots(k, slots), read_slots(v, slots)  # [n, H, D]
+        e_s = 2.0 ** -11 * sm_scale * (q[b].float().abs()[None] * kb.abs()).sum(-1).max(0).values  # [H]
+        vmax = vb.abs().amax(dim=(0, 2))
         out[b] = (torch.exp(2 * e_s) - 1 + 2.0 ** -10) * vmax + 1e-5
     return out[..., None]
 
@@ -106,11 +107,12 @@ def test_gluon_launch_options(opts, monkeypatch):
 @gpu
 def test_gluon_refuses_what_it_does_not_cover():
     gen = torch.Generator().manual_seed(0)
-    kc, ksz, vc, vsz, pt = (t.to(DEV) for t in make_cache(2, 2, 128, 4, 128, 8, [20, 9], gen))
+    kc, ksz, vc, vsz, pt = (t.to(DEV) for t in make_cache(2, 2, 128, 4, 128, 16, [20, 9], gen))
     q = torch.randn(2, 2, 128, device=DEV)
     with pytest.raises(ValueError, match="1 or 2 tiles in flight"):
         paged_decode_attention(q, kc, ksz, vc, vsz, pt, torch.tensor([20, 9], dtype=torch.int32, device=DEV), 4, 16,
                                0.1, variant="gluon", num_stages=3)
+    kc, ksz, vc, vsz, pt = (t.to(DEV) for t in make_cache(2, 2, 128, 4, 128, 8, [20, 9], gen))
     with pytest.raises(ValueError, match="page_size a multiple of 16"):
         paged_decode_attention(q, kc, ksz, vc, vsz, pt, torch.tensor([20, 9], dtype=torch.int32, device=DEV), 4, 8,
                                0.1, variant="gluon")

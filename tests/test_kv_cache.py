@@ -5,7 +5,8 @@ import atom_lab  # noqa: F401
 import pytest
 import torch
 
-from atom_lab.kernels.kv_cache import dequantize_kv_ref, kv_write, kv_write_ref, quantize_kv_ref
+from atom_lab.kernels.kv_cache import (dequantize_kv_ref, kv_write, kv_write_channel, kv_write_channel_ref, kv_write_ref,
+                                       quantize_kv_ref, read_slots)
 from atom_lab.kv_cache import KVCacheFull, KVFormat, PageError, PagePool, PageTable
 from atom_lab.paged_model import PagedDecoder, simulate_kv
 from atom_lab.quantizers import fake_quantize_asymmetric
@@ -60,26 +61,27 @@ def test_format_errors():
 @pytest.mark.parametrize("bits,D,G", [(4, 64, 64), (4, 128, 32), (8, 64, 16), (4, 256, 256)])
 def test_write_kernel_bit_exact(bits, D, G):
     gen = torch.Generator().manual_seed(D + G)
-    T, H, S = 37, 3, 80
+    T, H, P, page = 37, 3, 5, 16
+    S = P * page
     x = (torch.randn(T, H, D, generator=gen) * torch.rand(T, H, 1, generator=gen) * 4).to(DEV)
     x[0, 0] = 0.0  # an all-zero row: the 2^-14 scale floor
     slots = torch.randperm(S, generator=gen)[:T].to(DEV)
     cb = D // 2 if bits == 4 else D
     outs = []
     for write in (kv_write_ref, kv_write):
-        codes = torch.zeros(S, H, cb, dtype=torch.uint8, device=DEV)
-        sz = torch.zeros(S, H, D // G, 2, dtype=torch.float16, device=DEV)
+        codes = torch.zeros(P, H, page, cb, dtype=torch.uint8, device=DEV)
+        sz = torch.zeros(P, H, page, D // G, 2, dtype=torch.float16, device=DEV)
         write(x, slots, codes, sz, bits, G)
         outs.append((codes, sz))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     # what the cache hands back is exactly the float simulation's value
-    back = dequantize_kv_ref(outs[1][0][slots], outs[1][1][slots], bits)
+    back = dequantize_kv_ref(read_slots(outs[1][0], slots), read_slots(outs[1][1], slots), bits)
     assert torch.equal(back, fake_quantize_asymmetric(x.float(), bits, G))
 
 
 def test_write_errors():
-    codes = torch.zeros(8, 1, 32, dtype=torch.uint8)
-    sz = torch.zeros(8, 1, 1, 2, dtype=torch.float16)
+    codes = torch.zeros(1, 1, 8, 32, dtype=torch.uint8)
+    sz = torch.zeros(1, 1, 8, 1, 2, dtype=torch.float16)
     x = torch.randn(2, 1, 64)
     with pytest.raises(ValueError, match="one slot per row"):
         kv_write(x, torch.zeros(3, dtype=torch.long), codes, sz, 4, 64)
@@ -92,7 +94,7 @@ def test_write_errors():
     # of it is NaN too, never finite garbage; the finite row is written as usual
     codes, sz = codes.to(DEV), sz.to(DEV)
     kv_write(x.to(DEV), torch.arange(2, device=DEV), codes, sz, 4, 64, check_finite=False)
-    assert sz[1, 0, 0, 0].isnan() and sz[0].isfinite().all()
+    assert sz[0, 0, 1, 0, 0].isnan() and sz[0, 0, 0].isfinite().all()
 
 
 @pytest.mark.parametrize("kernels", ["triton", "reference"])
@@ -166,3 +168,44 @@ def test_decoder_errors():
         dec.step([PageTable(other)], [torch.zeros(1, dtype=torch.long)])
     with pytest.raises(ValueError, match="does not match"):
         PagedDecoder(model, PagePool(1, 2, 64, KVFormat(bits=4), num_pages=1, device=pool.device))
+
+
+@pytest.mark.parametrize("write", [kv_write_ref, kv_write])
+def test_pages_are_head_major(write):
+    """PagePool's layout pinned in raw memory: slot s = page * page_size + offset of head h lives at byte
+    ((page * H + h) * page_size + offset) * code_bytes of a layer's codes, so one head's page is page_size
+    consecutive rows (what the decode kernels stream). Rows of exact integers 0..15 (min 0, max 15: scale 1, zero 0,
+    codes = the values) make every expected byte known."""
+    H, D, ps = 3, 8, 4
+    pool = PagePool(1, H, D, KVFormat(bits=4), page_size=ps, num_pages=3, device=DEV)
+    slots = torch.tensor([9, 2, 5, 11, 0])  # pages 2, 0, 1, 2, 0
+    s, h, j = slots[:, None, None], torch.arange(H)[None, :, None], torch.arange(D)[None, None, :]
+    x = ((3 * s + 5 * h + j) % 16).float()
+    x[..., 0], x[..., 1] = 0.0, 15.0
+    write(x.to(DEV), slots.to(DEV), pool.k_codes[0], pool.k_sz[0], 4, D)
+    flat = pool.k_codes[0].cpu().reshape(-1)
+    pairs = pool.k_sz[0].cpu().reshape(-1)
+    c = x.to(torch.uint8)
+    for i, slot in enumerate(slots.tolist()):
+        for hh in range(H):
+            row = (slot // ps * H + hh) * ps + slot % ps
+            want = (c[i, hh, : D // 2] | (c[i, hh, D // 2:] << 4)).tolist()
+            assert flat[row * (D // 2): (row + 1) * (D // 2)].tolist() == want, (slot, hh)
+            assert pairs[2 * row: 2 * row + 2].tolist() == [1.0, 0.0]
+    written = {((sl // ps * H + hh) * ps + sl % ps) for sl in slots.tolist() for hh in range(H)}
+    untouched = [r for r in range(3 * H * ps) if r not in written]
+    assert not flat.view(-1, D // 2)[untouched].any()  # nothing else moved
+    # KIVI key pairs: group row g = slot // Tg of head h at ((g // (ps / Tg) * H + h) * (ps / Tg) + g % (ps / Tg))
+    tg = 2
+    kpool = PagePool(1, H, D, KVFormat(bits=4, key_tokens=tg), page_size=ps, num_pages=3, device=DEV, max_seqs=1)
+    gslots = torch.tensor([10, 11, 2, 3])  # groups 5 (page 2, second group) and 1 (page 0, second group)
+    k = torch.tensor([1.0, 2.0])[:, None, None] * (1 + torch.arange(H)[None, :, None]) * 15.0  # scale g_i * (h+1)
+    xk = torch.zeros(4, H, D)
+    xk[1::2] = k.expand(2, H, D)  # token 0 of a group all 0, token 1 = 15 * scale
+    (kv_write_channel_ref if write is kv_write_ref else kv_write_channel)(
+        xk.to(DEV), gslots.to(DEV), kpool.k_codes[0], kpool.k_sz[0], 4, tg)
+    kp = kpool.k_sz[0].cpu().reshape(-1, D, 2)
+    for gi, g in enumerate((5, 1)):
+        for hh in range(H):
+            row = (g // (ps // tg) * H + hh) * (ps // tg) + g % (ps // tg)
+            assert kp[row, :, 0].tolist() == [float((gi + 1) * (hh + 1))] * D and not kp[row, :, 1].any()

@@ -16,7 +16,7 @@ import torch
 
 from atom_lab.kernels.attention import paged_decode_attention, paged_decode_attention_ref
 from atom_lab.kernels.kv_cache import (dequantize_kv_channel_ref, dequantize_kv_ref, kv_write_channel,
-                                       kv_write_channel_ref, kv_write_ref)
+                                       kv_write_channel_ref, kv_write_ref, read_slots)
 from atom_lab.kv_cache import KVCacheFull, KVFormat, PageError, PagePool, PageTable
 from atom_lab.paged_model import PagedDecoder, fake_quantize_keys_channel, simulate_kv, window_mask
 from atom_lab.quantizers import fake_quantize_asymmetric
@@ -36,12 +36,12 @@ def test_channel_write_kernel_bit_exact(bits, D, tg):
     cb = D // 2 if bits == 4 else D
     outs = []
     for write in (kv_write_channel_ref, kv_write_channel):
-        codes = torch.zeros(8 * page, H, cb, dtype=torch.uint8, device=DEV)
-        sz = torch.zeros(8 * page // tg, H, D, 2, dtype=torch.float16, device=DEV)
+        codes = torch.zeros(8, H, page, cb, dtype=torch.uint8, device=DEV)
+        sz = torch.zeros(8, H, page // tg, D, 2, dtype=torch.float16, device=DEV)
         write(x, slots, codes, sz, bits, tg)
         outs.append((codes, sz))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    back = dequantize_kv_channel_ref(outs[1][0][slots], outs[1][1][slots // tg], bits)
+    back = dequantize_kv_channel_ref(read_slots(outs[1][0], slots), read_slots(outs[1][1], slots // tg), bits)
     # the simulation's value: each channel of each group of tg tokens fake-quantized on its own
     sim = fake_quantize_asymmetric(x.float().reshape(groups, tg, H, D).permute(0, 2, 3, 1), bits, tg)
     assert torch.equal(back, sim.permute(0, 3, 1, 2).reshape(-1, H, D))
@@ -51,8 +51,8 @@ def test_channel_write_kernel_bit_exact(bits, D, tg):
 
 
 def test_channel_write_errors():
-    codes = torch.zeros(32, 1, 32, dtype=torch.uint8)
-    sz = torch.zeros(4, 1, 64, 2, dtype=torch.float16)
+    codes = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
+    sz = torch.zeros(1, 1, 4, 64, 2, dtype=torch.float16)
     x = torch.randn(8, 1, 64)
     with pytest.raises(ValueError, match="whole groups"):
         kv_write_channel(x[:5], torch.arange(5), codes, sz, 4, 8)
@@ -61,7 +61,7 @@ def test_channel_write_errors():
     with pytest.raises(ValueError, match="consecutive slots"):
         kv_write_channel_ref(x, torch.arange(8).flip(0), codes, sz, 4, 8)
     with pytest.raises(ValueError, match="do not fit"):
-        kv_write_channel(x, torch.arange(8), codes, sz[:, :, :32], 4, 8)
+        kv_write_channel(x, torch.arange(8), codes, sz[:, :, :, :32], 4, 8)
 
 
 def make_kivi_cache(B, Hkv, D, bits, group, tg, window, page, lengths, gen):
@@ -102,12 +102,12 @@ def make_kivi_cache(B, Hkv, D, bits, group, tg, window, page, lengths, gen):
 def fp16_bound_kivi(q, pool, bits, sm_scale):
     """tests/test_attention.py's bound over every key and value the kernel can read (codes and rings)."""
     if pool.key_tokens:
-        k = dequantize_kv_channel_ref(pool.k_codes[0], pool.k_sz[0].repeat_interleave(pool.key_tokens, 0), bits)
+        k = dequantize_kv_channel_ref(pool.k_codes[0], pool.k_sz[0].repeat_interleave(pool.key_tokens, 2), bits)
     else:
         k = dequantize_kv_ref(pool.k_codes[0], pool.k_sz[0], bits)
     v = dequantize_kv_ref(pool.v_codes[0], pool.v_sz[0], bits)
-    k = torch.cat([k, pool.k_win[0].float()])
-    v = torch.cat([v, pool.v_win[0].float()])
+    k = torch.cat([k.flatten(0, 2), pool.k_win[0].float().flatten(0, 1)])  # every row [D] the kernel can read
+    v = torch.cat([v.flatten(0, 2), pool.v_win[0].float().flatten(0, 1)])
     e_s = 2.0 ** -10 * q.float().norm(dim=-1).max() * k.norm(dim=-1).max() * sm_scale
     return float((torch.exp(2 * e_s) - 1 + 2.0 ** -10) * v.abs().max())
 
@@ -254,9 +254,9 @@ def test_window_errors():
         dec.step([PageTable(mpool), PageTable(mpool)], [torch.zeros(3, dtype=torch.long)] * 2)
     assert mpool.free_pages == 8  # nothing reserved
     q = torch.randn(1, 2, 64, device=DEV)
-    kc = torch.zeros(32, 1, 32, dtype=torch.uint8, device=DEV)
-    ksz = torch.zeros(2, 1, 64, 2, dtype=torch.float16, device=DEV)
-    vsz = torch.zeros(32, 1, 1, 2, dtype=torch.float16, device=DEV)
+    kc = torch.zeros(1, 1, 32, 32, dtype=torch.uint8, device=DEV)
+    ksz = torch.zeros(1, 1, 2, 64, 2, dtype=torch.float16, device=DEV)  # KIVI pairs of Tg = 16
+    vsz = torch.zeros(1, 1, 32, 1, 2, dtype=torch.float16, device=DEV)
     pt, ln = torch.zeros(1, 1, dtype=torch.int32, device=DEV), torch.ones(1, dtype=torch.int32, device=DEV)
     with pytest.raises(ValueError, match="key_tokens"):
         paged_decode_attention(q, kc, ksz, kc, vsz, pt, ln, 4, 32, 1.0)
