@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from atom_lab import kernels  # noqa: E402
 from atom_lab.kernels import gemm as G  # noqa: E402
-from atom_lab.kernels import gemm_blockwise, gemm_fp8, gemm_gluon, gemm_int4  # noqa: E402
+from atom_lab.kernels import gemm_blockwise, gemm_fp8, gemm_gluon, gemm_gluon_ws, gemm_int4  # noqa: E402
 from atom_lab.kernels import w4a4_gemm, w4a4_gemm_ref  # noqa: E402
 from benchmarks.common import (GRAPH_FAILURES, LLAMA2_7B, MS, QUICK_MS, SHAPES, bench_ms, copy_bandwidth_gbs,  # noqa: E402
                                device_facts, floors_us, library_fns, packed_inputs)
@@ -59,6 +59,9 @@ def host_us_per_call(fn, calls: int = 200) -> float:
 
 REP = 40  # do_bench's rep (ms) of every timing here; --rep lowers it for a short device lease
 GLUON_MS = None  # None: time the Gluon method at every M; else only at these M (--gluon-ms)
+WS_MS = None  # the same for the warp-specialized Gluon method "gluon_ws" (--ws-ms)
+MODELS = None  # None: every model's shapes; else only these (--models 7B,13B)
+NO_QUANT = False  # --no-quant: skip the fused-quantizer benchmark
 
 
 def _tm(fn, **kw):
@@ -96,6 +99,10 @@ def fused_variants(row, M, a, wq, ref):
         c = gemm_int4._FUSED8_TUNERS[gemm_int4.fused8_class(M)].best_config
         row["fused8_config"] = str(c)
         row["activation_codes_ms"] = _tm(lambda: gemm_int4.activation_codes(a), graph=True)
+    cfg = gemm_gluon_ws.best_config(M, wq.rows, a.in_features, a.keeper, a.group_size) if row.get("gluon_ws_ms") else None
+    if cfg:  # gluon_ws_codes_ms: "gluon_ws" at its tuned configuration with the activation codes already made
+        codes = gemm_int4.activation_codes(a)
+        row["gluon_ws_codes_ms"] = _tm(lambda: gemm_gluon_ws.launch(a, wq, out, None, *cfg, codes=codes), graph=True)
 
 
 def bench_gemms(ms, log=print, shapes=ALL_SHAPES, partial_path=None, lean=False):
@@ -131,7 +138,8 @@ def bench_gemms(ms, log=print, shapes=ALL_SHAPES, partial_path=None, lean=False)
             # at 0.34-0.37x bf16 there (benchmarks/NOTES.md) and its autotuning would cost a minute of the run.
             methods = {"fused": M <= 1024, "fused8": M <= gemm_int4.FUSED8_MAX_M,
                        "fp8": G.has_fp8_tensor_cores(x.device) and (M >= 64 or not lean), "blockwise": blockwise_ok,
-                       "gluon": G.gluon_ok(x.device, GROUP) and (GLUON_MS is None or M in GLUON_MS)}
+                       "gluon": G.gluon_ok(x.device, GROUP) and (GLUON_MS is None or M in GLUON_MS),
+                       "gluon_ws": gemm_gluon_ws.supported(cap, GROUP, KEEPER, N) and (WS_MS is None or M in WS_MS)}
             for meth, ok in methods.items():
                 if not ok:
                     continue
@@ -146,8 +154,8 @@ def bench_gemms(ms, log=print, shapes=ALL_SHAPES, partial_path=None, lean=False)
                 if ref is not None:
                     row[f"rel_err_{meth}"] = ((o.float() - ref).norm() / ref.norm()).item()
                 row[f"{meth}_ms"] = _tm(fn, graph=True)
-                if meth == "gluon":
-                    row["gluon_config"] = G.last_config(M, "gluon", (N, K, KEEPER, GROUP))
+                if meth in ("gluon", "gluon_ws"):
+                    row[f"{meth}_config"] = G.last_config(M, meth, (N, K, KEEPER, GROUP))
             fused_variants(row, M, a, wq, ref)
             if blockwise_ok and methods["blockwise"]:
                 # The weights stored as the library's FP8 operand (prepared once): what the per-call unpack costs.
@@ -177,7 +185,7 @@ def bench_gemms(ms, log=print, shapes=ALL_SHAPES, partial_path=None, lean=False)
                 a8 = w8 = None
             base = row["cublas_bf16_ms"]
             row["speedup_vs_bf16"] = base / row["w4a4_ms"]
-            for meth in list(methods) + ["blockwise_fp8_weights", "fused_noasm", "fused8_codes"]:
+            for meth in list(methods) + ["blockwise_fp8_weights", "fused_noasm", "fused8_codes", "gluon_ws_codes"]:
                 if row.get(f"{meth}_ms"):
                     row[f"{meth}_speedup_vs_bf16"] = base / row[f"{meth}_ms"]
             if M in (1, 256) and not lean:  # eager (host-bound) numbers: a few points suffice
@@ -269,7 +277,8 @@ def bars(rows, quant, key="speedup_vs_bf16", models=BAR_MODELS):
 
 METHOD_COLUMNS = [("fused", "fused INT4 (Triton)"), ("fused8", "fused INT4, activation codes (Triton)"),
                   ("fp8", "FP8 (Triton)"), ("blockwise", "blockwise FP8 (cuBLASLt)"),
-                  ("blockwise_fp8_weights", "blockwise, FP8 weights stored"), ("gluon", "Gluon INT4 wgmma")]
+                  ("blockwise_fp8_weights", "blockwise, FP8 weights stored"), ("gluon", "Gluon INT4 wgmma"),
+                  ("gluon_ws", "Gluon warp-specialized")]
 GLUON_NOTE = ("Gluon INT4 wgmma = kernels/gemm_gluon.py (in-kernel INT4 unpack into shared memory, one warpgroup, "
               "the rescale of a group overlapping the next group's MMA); benchmarks/NOTES.md.")
 
@@ -403,14 +412,16 @@ def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print, le
     info["copy_gbs"] = copy_bandwidth_gbs()
     log(f"{info['device']}: copy bandwidth {info['copy_gbs']:.0f} GB/s (read + write)")
     ms = ms or (QUICK_MS if quick else MS)
-    rows = bench_gemms(ms, log, partial_path=json_path and json_path + ".partial", lean=lean)
+    shapes = ALL_SHAPES if MODELS is None else [s for s in ALL_SHAPES if s[0] in MODELS]
+    rows = bench_gemms(ms, log, shapes=shapes, partial_path=json_path and json_path + ".partial", lean=lean)
     fp8_rates = [2 * r["M"] * r["N"] * r["K"] / r["scaled_mm_fp8_ms"] / 1e9 for r in rows if r["scaled_mm_fp8_ms"]]
     tc = max(fp8_rates) if fp8_rates else 1000.0
     for r in rows:
         f = floors_us(r["M"], r["K"], r["N"], GROUP, KEEPER, info["copy_gbs"], tc)
         r.update(floor_bytes_us=f["bytes_us"], floor_flops_us=f["flops_us"],
                  of_floor=max(f["bytes_us"], f["flops_us"]) / (r["w4a4_ms"] * 1e3))
-    quant = bench_quantize([256, 1024, 4096, 8192] if not quick else [256, 4096], info["copy_gbs"], log)
+    quant = (bench_quantize([256, 1024, 4096, 8192] if not quick else [256, 4096], info["copy_gbs"], log)
+             if not NO_QUANT else {})
     res = dict(device=info, copy_gbs=info["copy_gbs"], fp8_library_peak_tflops=tc, group=GROUP, keeper=KEEPER,
                timing="triton.testing.do_bench median of CUDA-graph replays, L2 flushed before each run",
                graph_capture_failures=GRAPH_FAILURES, gemm=rows, quantize=quant, seconds=time.time() - t0)
@@ -425,6 +436,10 @@ def run(json_path=None, plot_path=None, md_path=None, quick=False, log=print, le
                         configs=gemm_gluon.CONFIGS,
                         compile_errors={str(k): v for k, v in gemm_gluon.COMPILE_ERRORS.items()},
                         chosen={str(k): v for k, v in gemm_gluon._BEST.items()})
+    res["gluon_ws"] = dict(available=gemm_gluon_ws.AVAILABLE, import_error=gemm_gluon_ws.IMPORT_ERROR,
+                           configs=gemm_gluon_ws.CONFIGS,
+                           compile_errors={str(k): v for k, v in gemm_gluon_ws.COMPILE_ERRORS.items()},
+                           chosen={str(k): v for k, v in gemm_gluon_ws._BEST.items()})
     summarize(res)
     log(res["markdown"])
     if json_path:
@@ -488,13 +503,19 @@ def main(argv=None):
                     "the clean-L2 timings (they do not enter the bars); fits a short device lease")
     ap.add_argument("--ms", help="comma-separated token counts (default: " + ",".join(map(str, MS)) + ")")
     ap.add_argument("--rep", type=int, default=40, help="do_bench rep in ms per timing (default 40)")
-    ap.add_argument("--gluon-ms", help="time the Gluon method only at these M (comma-separated)")
+    ap.add_argument("--gluon-ms", help="time the Gluon method only at these M (comma-separated; 0: never)")
+    ap.add_argument("--ws-ms", help="time the warp-specialized Gluon method only at these M (comma-separated)")
+    ap.add_argument("--models", help="only these models' shapes (comma-separated, e.g. 7B,13B)")
+    ap.add_argument("--no-quant", action="store_true", help="skip the fused-quantizer benchmark")
     ap.add_argument("--redispatch", metavar="JSON", help="no GPU: re-derive the dispatch columns of a recorded run "
                     "from its method columns with this checkout's select_method, rewrite JSON, .md and the plot")
     args = ap.parse_args(argv)
-    global REP, GLUON_MS
+    global REP, GLUON_MS, WS_MS, MODELS, NO_QUANT
     REP = args.rep
     GLUON_MS = [int(m) for m in args.gluon_ms.split(",")] if args.gluon_ms else None
+    WS_MS = [int(m) for m in args.ws_ms.split(",")] if args.ws_ms else None
+    MODELS = args.models.split(",") if args.models else None
+    NO_QUANT = args.no_quant
     if args.redispatch:
         redispatch(args.redispatch)
         return

@@ -22,6 +22,11 @@ Methods (`method=`), the same function, each in its own module:
            into shared memory for Hopper's wgmma, with the fp32 rescale of one group overlapping the next group's
            MMA (SM90 + a triton with Gluon). Its twin, the fused kernel without swap or split, runs under the
            interpreter; tests/test_gemm_gluon.py pins the two together on the GPU.
+  "gluon_ws" kernels/gemm_gluon_ws.py: a warp-specialized Gluon kernel for batch decode (SM90): a TMA loader warp
+           streams the packed weight bytes, fused8's token codes and both operands' group scales into a
+           shared-memory ring; two consumer warpgroups unpack the weights straight into wgmma's register operand
+           and rescale one group while the next group's MMA runs. fused8's arithmetic exactly; its twin is the
+           fused8 kernel (the interpreter runs that), tests/test_gemm_gluon_ws.py pins the two on the GPU.
   "gemv"   kernels/gemm_gemv.py: for a few tokens, CUDA cores only: each program loads whole packed weight rows at
            once and forms the integer group dots with int32 multiply-adds (any GPU, and the CPU interpreter).
            Never picked: on the H200 it ran 0.83-1.16x bf16 at M = 1 (the fused kernel 1.16-1.64x) and far slower
@@ -36,7 +41,7 @@ import os
 
 import torch
 
-from . import gemm_blockwise, gemm_fp8, gemm_gemv, gemm_gluon, gemm_int4
+from . import gemm_blockwise, gemm_fp8, gemm_gemv, gemm_gluon, gemm_gluon_ws, gemm_int4
 from ._common import check_tensor, interpreting, pow2_at_least
 from .formats import PackedAtom
 from .gemm_fp8 import unpack_fp8  # noqa: F401  (part of this module's API: benchmarks time the unpack alone)
@@ -168,7 +173,7 @@ FUSED8_MAX_M = gemm_int4.FUSED8_MAX_M  # 256
 # With FP8 weights stored: blockwise beat the fused kernel at M = 64 on 12 of 12 shapes (0.60-1.12x vs 0.49-0.88x),
 # at M = 16 on none.
 STORED_MIN_M = 64
-METHODS = ("fused", "fused8", "fp8", "blockwise", "gluon", "gemv")
+METHODS = ("fused", "fused8", "fp8", "blockwise", "gluon", "gemv", "gluon_ws")
 FALLBACKS: list = []  # shapes the library refused under method=None (they ran "fp8" instead)
 
 
@@ -241,6 +246,8 @@ def last_config(M: int, method: str, shape: tuple | None = None) -> str:
         return "cuBLASLt blockwise 1x128 (torch scaled_mm)"
     if method == "gluon":
         return "(BM, BN, stages) = " + str(gemm_gluon.best_config(M, *shape) if shape else None)
+    if method == "gluon_ws":
+        return "(NCONS, BY, stages, split, overlap) = " + str(gemm_gluon_ws.best_config(M, *shape) if shape else None)
     if method == "fp8":
         tuner = gemm_fp8._fp8_tuner
     elif M <= gemm_int4.SWAP_CLASSES[-1][0]:
@@ -310,6 +317,13 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
                 raise ValueError(f"method='blockwise': {e}. Use method='fp8' or 'fused', or method=None.") from e
             FALLBACKS.append(str(e)[:300])  # the dispatch keeps our own FP8 kernel for such shapes
             method = "fp8"
+    if method == "gluon_ws":
+        if not (interpreting() or gemm_gluon_ws.supported(device_capability(device), a.group_size, a.keeper, N)):
+            raise ValueError(f"method='gluon_ws' needs an SM90 GPU, a triton with Gluon, group_size 64 or 128, "
+                             f"keeper % 16 == 0 and N % 8 == 0 (got capability {device_capability(device)}, "
+                             f"group_size {a.group_size}, keeper {a.keeper}, N {N}"
+                             f"{'; ' + gemm_gluon_ws.IMPORT_ERROR if gemm_gluon_ws.IMPORT_ERROR else ''}); "
+                             f"use method='fused8'.")
     if method == "gluon" and not gluon_ok(device, a.group_size):
         raise ValueError(f"method='gluon' needs an SM90 GPU, a triton with Gluon and group_size 64 or 128 (got "
                          f"capability {device_capability(device)}, group_size {a.group_size}"
@@ -322,11 +336,13 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
     out = torch.empty(M, N, dtype=kernel_dtype, device=device)
     if method == "gemv":
         gemm_gemv.launch_gemv(a, w, out, res)
-    elif method == "fused8" and interpreting():  # the same kernel (Y8 mode), few large tiles, no split
+    elif method in ("fused8", "gluon_ws") and interpreting():  # fused8's kernel (Y8 mode; gluon_ws's twin)
         BM, BN = _interp_tiles(M, N)
         gemm_int4._launch_fused8(w, a, out, res, BN, BM, 1, 4, 1)
     elif method == "fused8":
         gemm_int4.launch_fused8_tuned(a, w, out, res, autotune=AUTOTUNE)
+    elif method == "gluon_ws":
+        gemm_gluon_ws.launch_tuned(a, w, out, res, autotune=AUTOTUNE)
     elif interpreting():
         BM, BN = _interp_tiles(M, N)
         if method in ("fused", "gluon"):  # "gluon": its twin, the fused kernel without swap or split
