@@ -98,6 +98,22 @@ def test_token_cap_per_prefill_step():
     assert prefills[0] == [0, 1]  # 8 + 8 <= 20 < 24
 
 
+def test_mixed_steps_admit_short_prompts_into_decode_steps():
+    # max_num_seqs 2 over 4 requests: when one finishes, the next prompt joins the decode step if the step's new
+    # tokens (1 per running sequence + the prompt) fit mixed_tokens; the tokens are those of separate steps
+    lengths, new = [3, 5, 4, 12], [2, 6, 3, 2]
+    ref, plain = drive(Scheduler(SchedulerConfig(max_num_seqs=2), BlockManager(64, 4)), make(lengths, new))
+    out, steps = drive(Scheduler(SchedulerConfig(max_num_seqs=2, mixed_tokens=6), BlockManager(64, 4)),
+                       make(lengths, new))
+    assert out == ref
+    assert steps[0] == (True, [0, 1])  # nothing running yet: a plain prefill step
+    assert (True, [1, 2]) in steps  # request 0 finished: 1 decode row + 4 prompt tokens <= 6, one step
+    assert (True, [3]) in steps and (True, [2, 3]) not in steps  # 1 + 12 > 6: request 3 waits for its own step
+    assert len(steps) < len(plain)
+    with pytest.raises(ValueError, match="mixed_tokens"):
+        SchedulerConfig(mixed_tokens=-1)
+
+
 def test_finished_sequences_stream_out_early():
     sched = Scheduler(SchedulerConfig(), BlockManager(64, 4))
     seqs = make([3, 3], [1, 6])

@@ -31,7 +31,9 @@ class Engine:
                                   prefill, fuse_projections, graph_prefill)
         ids = self.runner.page_ids
         self.block_manager = BlockManager(len(ids), self.runner.pool.page_size, ids)
-        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_tokens_per_step), self.block_manager)
+        # graph prefill also lets the scheduler admit short prompts into decode steps (one graph step for both)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_tokens_per_step, self.runner.graph_prefill),
+                                   self.block_manager)
         self.eos_token_id = model.config.eos_token_id if eos_token_id is None else eos_token_id
         if isinstance(self.eos_token_id, (list, tuple)):
             self.eos_token_id = self.eos_token_id[0]

@@ -117,8 +117,9 @@ class ModelRunner:
             graphs' buckets then reach max(max_num_seqs, graph_prefill) rows. True = GRAPH_PREFILL_TOKENS (or
             max_num_seqs if larger), False / 0 = never. Its prompts attend the K/V as stored, as a decode step does,
             i.e. prefill="cache" for those steps whatever `prefill` says (the same numbers for a 16-bit cache; with
-            a quantized one the prompt's own keys are read back in its bits). Default: on where CUDA graphs are (a
-            GPU), off on the CPU.
+            a quantized one the prompt's own keys are read back in its bits). The engine's scheduler then also
+            admits short prompts into decode steps (SchedulerConfig.mixed_tokens), which run the same way. Default:
+            on where CUDA graphs are (a GPU), off on the CPU.
     """
 
     def __init__(self, model, kv: KVFormat, budget_bytes: float | None = None, num_pages: int | None = None,

@@ -4,6 +4,10 @@ Each call to schedule() returns one step's batch:
   prefill  if waiting requests can be admitted (first come, first served; stop at the first one that does not fit
            so later, shorter ones cannot overtake it), up to max_num_seqs running and max_tokens_per_step prompt
            tokens in the step; their pages are allocated for every token they hold;
+  mixed    (mixed_tokens > 0 only) when sequences are running and the request at the head of the queue fits: every
+           running sequence gets one new token AND the queue's head requests are admitted, as long as the step's new
+           tokens stay within mixed_tokens (the model runner replays such a step from a decode graph, one row per
+           token, so admitting a short prompt costs no step of its own: vLLM's chunked prefill, without chunks);
   decode   otherwise: every running sequence gets one new token. When the pool has no page for a sequence's next
            token, the most recently admitted running sequence is preempted: its pages are freed and it goes back
            to the FRONT of the queue, to be recomputed (prompt + tokens so far) by a later prefill ("preemption by
@@ -25,15 +29,17 @@ from atom_lab.serve.request import Sequence, Status
 @dataclass(frozen=True)
 class SchedulerConfig:
     """max_num_seqs: the most sequences in one step (the batch size cap; CUDA-graph buckets go up to it).
-    max_tokens_per_step: the most prompt tokens one prefill step computes (caps the activation memory)."""
+    max_tokens_per_step: the most prompt tokens one prefill step computes (caps the activation memory).
+    mixed_tokens: the most new tokens of a mixed step (decode + admissions); 0 = prefill and decode apart."""
     max_num_seqs: int = 64
     max_tokens_per_step: int = 8192
+    mixed_tokens: int = 0
 
     def __post_init__(self):
-        for f in ("max_num_seqs", "max_tokens_per_step"):
+        for f in ("max_num_seqs", "max_tokens_per_step", "mixed_tokens"):
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{f}={v!r} must be an int >= 1.")
+            if not isinstance(v, int) or isinstance(v, bool) or v < (f != "mixed_tokens"):
+                raise ValueError(f"{f}={v!r} must be an int >= {int(f != 'mixed_tokens')}.")
 
 
 class Scheduler:
@@ -64,22 +70,45 @@ class Scheduler:
         return not self.waiting and not self.running
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """One step's batch: (sequences, is_prefill). Empty when nothing is queued."""
+        """One step's batch: (sequences, is_prefill); is_prefill is True when any sequence computes more than its
+        newest token (a prefill or a mixed step). Empty when nothing is queued."""
+        cfg = self.config
+        if cfg.mixed_tokens and self.running and self.waiting and len(self.running) < cfg.max_num_seqs \
+                and len(self.running) + self._new(self.waiting[0]) <= cfg.mixed_tokens:
+            batch, preempted = self._decode_batch()
+            if preempted:  # pages ran out: no admission in this step (it could re-admit what was just preempted)
+                return batch, False
+            admitted = self._admit(cfg.mixed_tokens - len(batch))
+            return batch + admitted, bool(admitted)
+        batch = self._admit(cfg.max_tokens_per_step)
+        if batch:
+            return batch, True
+        return self._decode_batch()[0], False
+
+    @staticmethod
+    def _new(seq: Sequence) -> int:
+        return len(seq) - seq.num_cached
+
+    def _admit(self, max_tokens: int) -> list[Sequence]:
+        """FCFS admission of waiting requests with at most max_tokens new tokens in all; they join the running."""
         bm, cfg = self.block_manager, self.config
         batch, tokens = [], 0
         while self.waiting and len(self.running) + len(batch) < cfg.max_num_seqs:
             seq = self.waiting[0]
-            new = len(seq) - seq.num_cached
-            if tokens + new > cfg.max_tokens_per_step or not bm.can_allocate(seq):
+            new = self._new(seq)
+            if tokens + new > max_tokens or not bm.can_allocate(seq):
                 break
             bm.allocate(seq)
             seq.status = Status.RUNNING
             tokens += new
             batch.append(self.waiting.popleft())
-        if batch:
-            self.running.extend(batch)
-            return batch, True
+        self.running.extend(batch)
+        return batch
 
+    def _decode_batch(self) -> tuple[list[Sequence], bool]:
+        """Every running sequence with a slot for its next token (preempting from the back when pages run out);
+        returns (the batch, whether anything was preempted)."""
+        bm, before = self.block_manager, self.num_preemptions
         batch = []
         while self.running:
             seq = self.running.popleft()
@@ -93,7 +122,7 @@ class Scheduler:
                 bm.append(seq)
                 batch.append(seq)
         self.running.extendleft(reversed(batch))
-        return batch, False
+        return batch, self.num_preemptions > before
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

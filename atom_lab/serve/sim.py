@@ -245,13 +245,13 @@ def simulate(shape: ModelShape, fmt: Format, gpu: GPU, budget_bytes: float, work
     """Serve `workload` ((prompt, output) lengths, all queued at t = 0) with the engine's scheduler and the cost
     model; the KV pool gets what the memory plan leaves of budget_bytes (per GPU: weights and KV split tp ways), or
     exactly num_pages pages when given (to mirror an engine run). graph_prefill: as the engine's (ModelRunner): a
-    prefill step of at most this many new tokens costs a decode step of one row per token (its context = the
-    token's position + 1). cost: CostModel fields (rope, kv_efficiency, step_overhead, prefill_overhead)."""
+    prefill or mixed step of at most this many new tokens costs a decode step of one row per token (its context =
+    the token's position + 1), and the scheduler mixes admissions into decode steps up to it. cost: CostModel fields (rope, kv_efficiency, step_overhead, prefill_overhead)."""
     cost = CostModel(shape, fmt, gpu, tp, **cost)
     p = plan(shape, fmt, budget_bytes * tp, tokens_per_request=1, tokens_per_step=max_tokens_per_step,
              max_batch_rows=max_num_seqs)
     bm = BlockManager(num_pages or int(p.tokens // page_size), page_size)
-    sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens_per_step), bm)
+    sched = Scheduler(SchedulerConfig(max_num_seqs, max_tokens_per_step, graph_prefill), bm)
     for i, (n, m) in enumerate(workload):
         sched.add(Sequence([0] * n, SamplingParams(max_new_tokens=m, ignore_eos=True), request_id=i))
     clock = dec_time = 0.0
