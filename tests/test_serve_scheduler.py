@@ -98,6 +98,12 @@ def test_token_cap_per_prefill_step():
     assert prefills[0] == [0, 1]  # 8 + 8 <= 20 < 24
 
 
+def test_tokens_from_is_a_slice_of_tokens():
+    s = Sequence([5, 6, 7], SamplingParams(max_new_tokens=4))
+    s.output += [8, 9]
+    assert [s.tokens_from(i) for i in range(6)] == [s.tokens[i:] for i in range(6)]
+
+
 def test_mixed_steps_admit_short_prompts_into_decode_steps():
     # max_num_seqs 2 over 4 requests: when one finishes, the next prompt joins the decode step if the step's new
     # tokens (1 per running sequence + the prompt) fit mixed_tokens; the tokens are those of separate steps

@@ -232,13 +232,13 @@ class ModelRunner:
                 # one row per new token: (the sequence's pages, the token's position, the token)
                 pages = [s.pages for s, n in zip(batch, new) for _ in range(n)]
                 positions = [p for s in batch for p in range(s.num_cached, len(s))]
-                tokens = [t for s in batch for t in s.tokens[s.num_cached:]]
+                tokens = [t for s in batch for t in s.tokens_from(s.num_cached)]
                 logits = self.static.decode(pages, positions, tokens)
                 if rows > len(batch):  # each sequence samples from its last row
                     self.graph_prefill_steps += 1
                     logits = logits[torch.tensor(list(itertools.accumulate(new)), device=logits.device) - 1]
                 return sample(logits, batch)
         tables = [PageTable(self.pool, pages=list(s.pages), length=s.num_cached) for s in batch]
-        ids = [torch.tensor(s.tokens[s.num_cached:], dtype=torch.long, device=self.device) for s in batch]
+        ids = [torch.tensor(s.tokens_from(s.num_cached), dtype=torch.long, device=self.device) for s in batch]
         logits = self.decoder.step(tables, ids)
         return sample(torch.stack(logits), batch)

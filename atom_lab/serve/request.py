@@ -82,6 +82,11 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    def tokens_from(self, start: int) -> list[int]:
+        """tokens[start:] without building the whole list (a decode step asks for the last one of ~1,000s)."""
+        n = len(self.prompt)
+        return self.prompt[start:] + self.output if start < n else self.output[start - n:]
+
     def __len__(self) -> int:
         return len(self.prompt) + len(self.output)
 
