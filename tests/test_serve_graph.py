@@ -135,3 +135,21 @@ def test_graph_replay_equals_eager_static_step():
         assert runs[1][1].replays == 5 and runs[0][1].eager_steps == 5
         # the graph replays exactly the kernels of the eager static step on the same inputs: identical bits
         assert torch.equal(runs[0][0], runs[1][0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_prefill_and_mixed_steps_replay_the_eager_static_rows():
+    # graph prefill on a GPU: prompt rows (and, with 2 sequences at a time, prompts joining decode steps) replayed
+    # from the captured graphs give the tokens of the same static rows run eagerly (the same kernels, bit for bit)
+    model = atom_lab.tiny_model("llama", seed=0, device="cuda")[0].half()
+    ps = [p.tolist() for p in prompts()]
+    params = [SamplingParams(max_new_tokens=6 - i % 3) for i in range(len(ps))]
+    outs = {}
+    for graphs in (False, True):
+        eng = Engine(model, KVFormat(bits=4, dtype=torch.float16), num_pages=64, page_size=16, max_num_seqs=2,
+                     kernels="triton", cuda_graphs=graphs, graph_prefill=True)
+        outs[graphs] = eng.generate(ps, params)
+        assert eng.runner.graph_prefill_steps > 1
+        st = eng.runner.static
+        assert (st.replays > 0) == graphs and (st.eager_steps > 0) != graphs
+    assert outs[True] == outs[False]
