@@ -12,7 +12,7 @@ cores, float32: INT4 with one (scale, zero) per token-head and ONE query head pe
 that one row to 16 and convert each tile through shared memory). On the H200 (benchmarks/NOTES.md, KV section),
 Llama-2-7B INT4 post-RoPE: CUDA-core 1.45-1.92x of cuDNN bf16 SDPA, tensor-core 0.81-1.01x in the same run; the
 wrapper picks the CUDA-core kernel whenever it applies, unless the Gluon one does (kernels/attention_gluon.py:
-tensor cores fed from registers, MHA INT4 post-RoPE, head_dim 128, batch >= 8: 1.69-2.03x in the bar region).
+tensor cores fed from registers, MHA INT4 post-RoPE, head_dim 128, batch >= 8: 1.79-2.33x in the bar region, v9).
 Prefill: the library's SDPA (torch.nn.functional.scaled_dot_product_attention, causal) over the sequence's K/V as
 read back from the cache (what the float simulation of the same KV format computes), or over the fresh float K/V
 of the chunk (Atom's choice); see atom_lab.kv_cache.
@@ -537,7 +537,8 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
         query head per KV head, no KIVI keys or window); default: default_variant (the faster one on the H200).
         "gluon" (GPU only): kernels/attention_gluon.py, mma.sync fed from registers, the "core" cases with K
         after RoPE, head_dim 128 and page_size % 16 == 0; num_stages 1 or 2 = tiles in flight per warp there.
-    unpack_asm: INT4 codes -> float16 through inline PTX (default on a GPU; the interpreter cannot run it).
+    unpack_asm: INT4 codes -> float16 through inline PTX (default on a GPU, except the tensor-core kernel on post-RoPE
+        per-token-head codes, where the plain unpack measured faster; the interpreter cannot run it).
     num_stages: software-pipelining depth of the token loop (Triton's pipeliner; default 3, Triton's own).
     programs: how many programs the splits aim at (default 1056, ~8 per SM of the H200; CORE_CONFIG's for "core").
     rope_fp16: the CUDA-core kernel reads the cos | sin table rounded to float16 (relative 2^-11, inside the float16
@@ -640,7 +641,14 @@ def paged_decode_attention(q, k_codes, k_sz, v_codes, v_sz, page_table, lengths,
     k_mode = 0 if bits >= 16 else 1 if (not key_tokens and G == D) else \
         (3 if rope is not None else 2) if key_tokens and key_tokens % block_n == 0 else 0
     v_mode = 1 if bits < 16 and G == D else 0
-    asm = (not interpreting()) if unpack_asm is None else bool(unpack_asm)
+    if unpack_asm is None:
+        # v9 (H200, head-major pages, benchmarks/NOTES.md): in the tensor-core kernel on post-RoPE INT4 with one pair
+        # per token-head, the inline-PTX unpack compiles to 142 registers against the plain one's 128, i.e. 3 instead
+        # of 4 programs of 4 warps per SM, and the plain unpack was 3-19% faster in all 56 cases measured (GQA and
+        # MHA, pages 16 and 32); pre-RoPE the PTX one stays (2-4% faster there)
+        asm = not interpreting() and not (variant == "dot" and k_mode == 1 and rope is None)
+    else:
+        asm = bool(unpack_asm)
     if asm and interpreting():
         raise ValueError("unpack_asm=True needs a GPU: the Triton interpreter cannot run inline PTX.")
     blocks = max(1, -(-max_length // block_n))

@@ -15,9 +15,10 @@ order, undone at the store (_v_channel). Same storage, partial outputs and LSE c
 kernels/attention.py merges the splits (variant="gluon").
 Gluon does not run in the Triton interpreter: on a CPU the CUDA-core kernel is the twin (tests pin them together on
 a GPU, tests/test_attention_gluon.py).
-Measured (H200, same run as cuDNN bf16 SDPA, Llama-2-7B 32 x 128, batch 8-128, context 4k-16k): 1.69-2.03x, the
-CUDA-core kernel 1.50-1.93x; the library's default for the cases it covers. What bounds it is the page layout, not
-the math: its read-only twin (READ_ONLY, the same loads) reads the cache at 2.4-3.1 TB/s, cuDNN bf16 at 4.0-4.6.
+Measured (H200, same run as cuDNN bf16 SDPA, Llama-2-7B 32 x 128, batch 8-256, context 4k-32k, head-major pages
+(v9)): 1.79-2.33x, the CUDA-core kernel 1.59-1.92x; the library's default for the cases it covers. With the v8
+token-major pages it was 1.69-2.03x, capped by the layout (its read-only twin, READ_ONLY, read 2.4-3.1 TB/s); on
+head-major pages the read-only twin reads 3.8-4.4 TB/s (cuDNN bf16 4.0-4.7), so the math is the limit again.
 """
 from __future__ import annotations
 
