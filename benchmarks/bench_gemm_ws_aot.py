@@ -34,7 +34,7 @@ def compile_ws(ncons, BY, stages, split, overlap, G=128, has_res=False, out="fp1
                wk_desc=desc("i8", [BN, SB], True), ak_desc=desc("i8", [BY, SB], True),
                wsc_desc=desc("fp16", [BN], False), asc_desc=desc("fp16", [BY], False),
                ws8="*fp16", as8="*fp16", out=f"*{out}", res=f"*{out}", ws="*fp32", counters="*i32",
-               N="i32", M="i32", STEPS="i32", KP="i32", s_om="i32", s_rm="i32", M_BUCKET="i32")
+               N="i32", M="i32", NP="i32", MP="i32", STEPS="i32", KP="i32", s_om="i32", s_rm="i32", M_BUCKET="i32")
     ce = dict(GROUP=G, NCONS=ncons, BY=BY, STAGES=stages, SPLIT=split, HAS_RES=has_res, OVERLAP=overlap,
               CONS_REGS=r["cons"], LOAD_REGS=r["load"])
     fn = W._w4a4_ws_kernel
@@ -62,4 +62,4 @@ if __name__ == "__main__":
         except Exception as e:  # noqa: BLE001
             print("FAILED", cfg, type(e).__name__, str(e)[:3000])
     compile_ws(2, 128, 4, 1, False, G=64, ptx_dir=ptx)
-    compile_ws(2, 64, 4, 2, True, has_res=True, out="bf16", ptx_dir=ptx)
+    compile_ws(2, 64, 4, 2, 2, has_res=True, out="bf16", ptx_dir=ptx)

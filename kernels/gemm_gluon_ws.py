@@ -37,6 +37,7 @@ strides; Atom's keeper is 128), N a multiple of 8. The import is guarded: withou
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -76,7 +77,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _loader(wq_desc, tc_desc, wk_desc, ak_desc, wsc_desc, asc_desc, wbuf, lobuf, hibuf, wsc, asc, ready, empty,
-                n0, m0, s_lo, nsteps, nkeep, N, M,
+                n0, m0, s_lo, nsteps, nkeep, NP, MP,
                 SB: gl.constexpr, STAGES: gl.constexpr):
         STEP_BYTES: gl.constexpr = (wq_desc.block_type.nbytes + 2 * tc_desc.block_type.nbytes +
                                     wsc_desc.block_type.nbytes + asc_desc.block_type.nbytes)
@@ -92,10 +93,11 @@ if AVAILABLE:
                 tma.async_copy_global_to_shared(wq_desc, [n0, s * SB], bar, wbuf.index(slot))
                 tma.async_copy_global_to_shared(tc_desc, [m0, 2 * SB * s], bar, lobuf.index(slot))
                 tma.async_copy_global_to_shared(tc_desc, [m0, 2 * SB * s + SB], bar, hibuf.index(slot))
-                # flat [groups * rows] views: row n of group s is element s * N + n (columns past N or M read the
-                # next group's scales or TMA's zero fill; they are never stored)
-                tma.async_copy_global_to_shared(wsc_desc, [s * N + n0], bar, wsc.index(slot))
-                tma.async_copy_global_to_shared(asc_desc, [s * M + m0], bar, asc.index(slot))
+                # flat views of [groups, NP] / [groups, MP] (rows padded to multiples of 8: every box starts on 16
+                # bytes): row n of group s is element s * NP + n (columns past N or M read padding, the next
+                # group's scales or TMA's zero fill; they are never stored)
+                tma.async_copy_global_to_shared(wsc_desc, [s * NP + n0], bar, wsc.index(slot))
+                tma.async_copy_global_to_shared(asc_desc, [s * MP + m0], bar, asc.index(slot))
             else:
                 k0 = (i - nsteps) * SB
                 mbarrier.expect(bar, KEEP_BYTES)
@@ -123,7 +125,54 @@ if AVAILABLE:
         spare = gl.zeros([64, BY], gl.int32, layout=mma)  # registers the next use_acc=False MMA overwrites
         UNDO: gl.constexpr = 1.0 / 16.0  # the weights' nibbles carry x16, undone exactly in their scale
 
-        if OVERLAP:
+        if OVERLAP == 2:
+            # Pairs of groups: issue both groups' MMAs (two accumulators), wait for the first and rescale it while
+            # the second runs, then the second. No MMA is in flight across the loop's back edge, so no register
+            # copies of an in-flight accumulator (OVERLAP = 1's loop has them: ptxas serializes its wgmmas, C7514).
+            spare2 = gl.zeros([64, BY], gl.int32, layout=mma)
+            for j in range(nsteps // 2):
+                i = 2 * j
+                slot = i % STAGES
+                mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+                wb = wbuf.index(slot).slice(64 * WG, 64, dim=0).load(a_op)
+                ta = warpgroup_mma(_lo_x16(wb), lobuf.index(slot).permute((1, 0)), spare, use_acc=False,
+                                   is_async=True)
+                ta = warpgroup_mma(wb & -16, hibuf.index(slot).permute((1, 0)), ta, is_async=True)
+                sw = _vec(wsc, slot, 64 * NCONS, 64 * WG, 64, row_l) * UNDO
+                sa = _vec(asc, slot, BY, 0, BY, col_l)
+                slot2 = (i + 1) % STAGES
+                mbarrier.wait(ready.index(slot2), ((i + 1) // STAGES) & 1)
+                wb2 = wbuf.index(slot2).slice(64 * WG, 64, dim=0).load(a_op)
+                tb = warpgroup_mma(_lo_x16(wb2), lobuf.index(slot2).permute((1, 0)), spare2, use_acc=False,
+                                   is_async=True)
+                tb = warpgroup_mma(wb2 & -16, hibuf.index(slot2).permute((1, 0)), tb, is_async=True)
+                sw2 = _vec(wsc, slot2, 64 * NCONS, 64 * WG, 64, row_l) * UNDO
+                sa2 = _vec(asc, slot2, BY, 0, BY, col_l)
+                d = warpgroup_mma_wait(num_outstanding=2, deps=[ta])
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(slot), count=1)
+                acc += d.to(gl.float32) * (sw[:, None] * sa[None, :])
+                d2 = warpgroup_mma_wait(num_outstanding=0, deps=[tb])
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(slot2), count=1)
+                acc += d2.to(gl.float32) * (sw2[:, None] * sa2[None, :])
+                spare = d
+                spare2 = d2
+            if nsteps % 2 == 1:
+                i = nsteps - 1
+                slot = i % STAGES
+                mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+                wb = wbuf.index(slot).slice(64 * WG, 64, dim=0).load(a_op)
+                t = warpgroup_mma(_lo_x16(wb), lobuf.index(slot).permute((1, 0)), spare, use_acc=False,
+                                  is_async=True)
+                t = warpgroup_mma(wb & -16, hibuf.index(slot).permute((1, 0)), t, is_async=True)
+                sw = _vec(wsc, slot, 64 * NCONS, 64 * WG, 64, row_l) * UNDO
+                sa = _vec(asc, slot, BY, 0, BY, col_l)
+                d = warpgroup_mma_wait(num_outstanding=0, deps=[t])
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(slot), count=1)
+                acc += d.to(gl.float32) * (sw[:, None] * sa[None, :])
+        elif OVERLAP == 1:
             sw_p = gl.zeros([64], gl.float32, layout=row_l)
             sa_p = gl.zeros([BY], gl.float32, layout=col_l)
             tok = warpgroup_mma_init(spare)
@@ -224,10 +273,10 @@ if AVAILABLE:
                  n0, m0, nsteps, nkeep, N, M, s_om, s_rm, pid, pid_k, 1, NCONS, BY, SB, STAGES, SPLIT, HAS_RES,
                  OVERLAP)
 
-    @gluon.jit(do_not_specialize=["M", "M_BUCKET"])
+    @gluon.jit(do_not_specialize=["M", "MP", "M_BUCKET"])
     def _w4a4_ws_kernel(wq_desc, tc_desc, wk_desc, ak_desc, wsc_desc, asc_desc,
                         ws8, as8, out, res, ws, counters,
-                        N, M, STEPS, KP, s_om, s_rm, M_BUCKET,
+                        N, M, NP, MP, STEPS, KP, s_om, s_rm, M_BUCKET,
                         GROUP: gl.constexpr, NCONS: gl.constexpr, BY: gl.constexpr, STAGES: gl.constexpr,
                         SPLIT: gl.constexpr, HAS_RES: gl.constexpr, OVERLAP: gl.constexpr,
                         CONS_REGS: gl.constexpr, LOAD_REGS: gl.constexpr):
@@ -268,7 +317,7 @@ if AVAILABLE:
                              nsteps, nkeep, N, M, s_om, s_rm, pid, pid_k, NCONS, BY, SB, STAGES, SPLIT, HAS_RES,
                              OVERLAP)),
                 (_loader, (wq_desc, tc_desc, wk_desc, ak_desc, wsc_desc, asc_desc, wbuf, lobuf, hibuf, wsc, asc, ready,
-                           empty, n0, m0, s_lo, nsteps, nkeep, N, M, SB, STAGES)),
+                           empty, n0, m0, s_lo, nsteps, nkeep, NP, MP, SB, STAGES)),
             ], [4, 1], [CONS_REGS, LOAD_REGS])
         else:
             gl.warp_specialize([
@@ -276,17 +325,19 @@ if AVAILABLE:
                              nsteps, nkeep, N, M, s_om, s_rm, pid, pid_k, NCONS, BY, SB, STAGES, SPLIT, HAS_RES,
                              OVERLAP)),
                 (_loader, (wq_desc, tc_desc, wk_desc, ak_desc, wsc_desc, asc_desc, wbuf, lobuf, hibuf, wsc, asc, ready,
-                           empty, n0, m0, s_lo, nsteps, nkeep, N, M, SB, STAGES)),
+                           empty, n0, m0, s_lo, nsteps, nkeep, NP, MP, SB, STAGES)),
             ], [1], [LOAD_REGS])
 
 
 # (NCONS, BY, STAGES, SPLIT, OVERLAP). NCONS = 2: 128 weight rows per program (two consumer warpgroups + the loader
-# warp, 12 warps, one program per SM by registers); NCONS = 1: 64 rows, two programs per SM.
-# Split-K (2, 4) gives the 132 SMs enough programs where N / BN x M / BY alone does not (N = 4096, M = 64: 32 tiles).
-# OVERLAP keeps two int32 results live (2 x BY / 2 registers): offered with BY = 64 only.
-CONFIGS = [(2, 64, 4, 2, True), (2, 128, 4, 1, False), (2, 64, 4, 1, True), (1, 64, 4, 1, True),
-           (1, 128, 4, 1, False), (2, 128, 4, 2, False), (1, 64, 4, 2, True), (2, 64, 4, 4, True),
-           (1, 64, 4, 4, True), (2, 64, 6, 2, True)]
+# warp, 12 warps, one program per SM by registers); NCONS = 1: 64 rows, two programs per SM. Split-K (2, 4) gives
+# the 132 SMs enough programs where N / BN x M / BY alone does not (N = 4096, M = 128: 32-64 tiles). OVERLAP 2 (pairs
+# of groups, the first rescaled under the second's MMA) keeps two int32 results live: BY = 64 only (BY = 128 spills
+# 400-512 B). OVERLAP 1 (one group in flight across the loop edge) is kept in the code but not offered: ptxas
+# serializes its wgmmas (C7514: the loop's register copies read an in-flight accumulator), the first H200 run
+# measured it among the slowest.
+CONFIGS = [(2, 64, 4, 2, 2), (2, 64, 4, 1, 2), (1, 64, 4, 1, 2), (1, 64, 4, 2, 2), (1, 64, 4, 4, 2),
+           (2, 64, 4, 4, 2), (1, 128, 4, 1, 0), (1, 128, 4, 2, 0), (2, 128, 4, 1, 0), (2, 128, 4, 2, 0)]
 COMPILE_ERRORS: dict = {}
 
 
@@ -296,19 +347,44 @@ def _regs(ncons: int):
     return (dict(maxnreg=168, cons=232, load=40) if ncons == 2 else dict(maxnreg=128, cons=128, load=40))
 
 
-_WST: dict = {}  # id-free cache of the weights' transposed scales: (data_ptr, shape, version) -> [groups, N]
+_WST: dict = {}  # id(w.s4) -> (weakref to it, its version, the padded transposed copy)
+_MIN_FLAT = 256  # flat scale buffers hold at least one whole box (BN, BY <= 128 elements) past any start
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def _flat_rows(s_t: torch.Tensor, rows: int) -> torch.Tensor:
+    """[groups, rows] -> a flat zero-padded copy [groups * pad8(rows)] (>= _MIN_FLAT elements)."""
+    g, r = s_t.shape
+    rp = _pad8(rows)
+    flat = torch.zeros(max(g * rp, _MIN_FLAT), dtype=s_t.dtype, device=s_t.device)
+    flat[:g * rp].view(g, rp)[:, :r] = s_t
+    return flat
 
 
 def weight_scales_t(w: PackedAtom) -> torch.Tensor:
-    """w.s4 [N, groups] fp16 -> contiguous [groups, N] (cached per weight tensor: the weights do not change)."""
+    """w.s4 [N, groups] fp16 -> flat [groups * pad8(N)] (transposed, rows padded to 16 bytes), cached per tensor:
+    the weights do not change. The cache is keyed on the tensor itself (a weak reference and its version counter),
+    never on its address alone, which a freed and re-allocated tensor can reuse."""
     s = w.s4
-    key = (s.data_ptr(), tuple(s.shape), s._version, s.device)
-    t = _WST.get(key)
-    if t is None:
-        if len(_WST) > 512:
-            _WST.clear()
-        t = _WST[key] = s.t().contiguous()
+    hit = _WST.get(id(s))
+    if hit is not None and hit[0]() is s and hit[1] == s._version:
+        return hit[2]
+    t = _flat_rows(s.t(), s.shape[0])
+    _WST[id(s)] = (weakref.ref(s), s._version, t)
+    weakref.finalize(s, _WST.pop, id(s), None)
     return t
+
+
+def token_scales_flat(s4t: torch.Tensor) -> tuple:
+    """activation_codes' scales [groups, M] -> (flat view or padded copy, padded row length): no copy when
+    M % 8 == 0 (the serving engine's CUDA-graph buckets)."""
+    g, m = s4t.shape
+    if m % 8 == 0 and s4t.is_contiguous() and g * m >= _MIN_FLAT:
+        return s4t.reshape(-1), m
+    return _flat_rows(s4t, m), _pad8(m)
 
 
 def _desc(t: torch.Tensor, block, bits: int, swizzle: bool = True):
@@ -333,7 +409,7 @@ def check(a: PackedAtom, w: PackedAtom) -> None:
 
 
 def launch(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual, ncons: int = 2, BY: int = 128,
-           stages: int = 4, split: int = 1, overlap: bool = False, codes=None) -> None:
+           stages: int = 4, split: int = 1, overlap: int = 0, codes=None) -> None:
     """One configuration. a: M token rows, w: N weight rows (PackedAtom, G = 64/128, keeper % 16 == 0, N % 8 == 0);
     out: [M, N] fp16/bf16/fp32 with contiguous rows, written in full; residual: optional [M, N] (contiguous rows);
     codes: gemm_int4.activation_codes(a) when the caller has them."""
@@ -342,10 +418,9 @@ def launch(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual, ncons: int
     SB = G // 2
     BN = 64 * ncons
     codes, s4 = gemm_int4.activation_codes(a) if codes is None else codes
-    s4t = s4.t()  # activation_codes' scales: a [groups, M] tensor seen as [M, groups]
-    if not s4t.is_contiguous():
-        s4t = s4t.contiguous()
-    wst = weight_scales_t(w)
+    asc, MP = token_scales_flat(s4.t())  # activation_codes' scales: a [groups, M] tensor seen as [M, groups]
+    wsc = weight_scales_t(w)
+    NP = _pad8(N)
     steps = w.q4.shape[1] // SB
     split = max(1, min(split, steps))  # as gemm_int4._split_k: the same partition of K as fused8's twin
     wq = w.q4.view(torch.int8)
@@ -353,8 +428,8 @@ def launch(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual, ncons: int
     tc_desc = _desc(codes, [BY, SB], 8)
     wk_desc = _desc(w.q8, [BN, SB], 8) if a.keeper else wq_desc
     ak_desc = _desc(a.q8, [BY, SB], 8) if a.keeper else tc_desc
-    wsc_desc = _desc(wst.view(-1), [BN], 16, swizzle=False)
-    asc_desc = _desc(s4t.reshape(-1), [BY], 16, swizzle=False)
+    wsc_desc = _desc(wsc, [BN], 16, swizzle=False)
+    asc_desc = _desc(asc, [BY], 16, swizzle=False)
     tiles = triton.cdiv(N, BN) * triton.cdiv(M, BY)
     ws = cnt = out
     if split > 1:
@@ -364,8 +439,8 @@ def launch(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual, ncons: int
     r = _regs(ncons)
     _w4a4_ws_kernel[(tiles, split)](
         wq_desc, tc_desc, wk_desc, ak_desc, wsc_desc, asc_desc, w.s8, a.s8, out, res, ws, cnt,
-        N, M, steps, a.keeper, out.stride(0), res.stride(0), min(8192, triton.next_power_of_2(M)),
-        GROUP=G, NCONS=ncons, BY=BY, STAGES=stages, SPLIT=split, HAS_RES=residual is not None, OVERLAP=overlap,
+        N, M, NP, MP, steps, a.keeper, out.stride(0), res.stride(0), min(8192, triton.next_power_of_2(M)),
+        GROUP=G, NCONS=ncons, BY=BY, STAGES=stages, SPLIT=split, HAS_RES=residual is not None, OVERLAP=int(overlap),
         CONS_REGS=r["cons"], LOAD_REGS=r["load"], num_warps=4, maxnreg=r["maxnreg"])
 
 

@@ -67,6 +67,7 @@ def test_gpu_every_config_equals_twin_and_reference(cfg):
         dtypes = (torch.float32, torch.float16, torch.bfloat16) if cfg == W.CONFIGS[0] else (torch.float32,)
         for dtype in dtypes:
             res = None if dtype == torch.float32 else torch.randn(M, N, device=DEV, dtype=dtype)
+            print("case", i, (M, N, K4, grp, kp), dtype, flush=True)  # shown on failure (a crash names no case)
             y = _ws(a, w, res, dtype, cfg)
             assert_matches(y, a, w, res)
             t = _twin(a, w, res, dtype, split)
