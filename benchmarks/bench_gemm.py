@@ -115,7 +115,8 @@ def bench_gemms(ms, log=print, shapes=ALL_SHAPES, partial_path=None, lean=False)
     for model, K, N, layer in shapes:
         for M in ms:
             x, w, a, wq = packed_inputs(M, K, N, GROUP, KEEPER)
-            row = dict(model=model, layer=layer, K=K, N=N, M=M, method=G.choose_method(M, x.device))
+            row = dict(model=model, layer=layer, K=K, N=N, M=M, method=G.choose_method(
+                M, x.device, gluon_ws=gemm_gluon_ws.supported(cap, GROUP, KEEPER, N)))
             libs = library_fns(x, w)
             if lean:  # cuBLAS bf16 (the baseline every ratio divides); FP8 per-tensor at the largest M (its peak)
                 keep = ("cublas_bf16", "scaled_mm_fp8") if M == ms[-1] else ("cublas_bf16",)
@@ -328,7 +329,8 @@ def dispatch_pick(res, M: int) -> str:
     cap = tuple(res.get("dispatch", {}).get("capability") or (9, 0))
     tv = gemm_blockwise.torch_version() if res["device"]["torch"] == torch.__version__ else \
         tuple(int(v) for v in res["device"]["torch"].split("+")[0].split(".")[:2])
-    return G.select_method(M, cap, tv)
+    ws = bool(res.get("gluon_ws", {}).get("available"))  # the runs' shapes all suit its TMA copies
+    return G.select_method(M, cap, tv, gluon_ws=ws)
 
 
 def speed_summary(res, models=None) -> str:

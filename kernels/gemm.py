@@ -173,12 +173,19 @@ FUSED8_MAX_M = gemm_int4.FUSED8_MAX_M  # 256
 # With FP8 weights stored: blockwise beat the fused kernel at M = 64 on 12 of 12 shapes (0.60-1.12x vs 0.49-0.88x),
 # at M = 16 on none.
 STORED_MIN_M = 64
+# "gluon_ws" (kernels/gemm_gluon_ws.py) on the H200 (results/gemm_h200_ws2.json, Llama-2-7B/13B, every method in one
+# run): faster than the method above on 6 of 8 shapes at M = 64 (0.66-1.53x bf16 vs fused 0.58-1.07x; the two
+# down projections lose), 7 of 8 at 128 (0.67-1.29x vs fused8 0.56-0.78x) and 7 of 8 at 256 (0.53-0.94x vs
+# 0.44-0.65x). Picked where the operands suit its TMA copies (gemm_gluon_ws.refusal) and Gluon imported; M = 33-63
+# (the tuners' 64 bucket) was not measured and keeps "fused".
+GLUON_WS_MIN_M = 64
+GLUON_WS_MAX_M = 256
 METHODS = ("fused", "fused8", "fp8", "blockwise", "gluon", "gemv", "gluon_ws")
 FALLBACKS: list = []  # shapes the library refused under method=None (they ran "fp8" instead)
 
 
 def select_method(M: int, capability: tuple[int, int] | None, torch_ver: tuple[int, int],
-                  group_size: int = 128, fp8_weights: bool = False) -> str:
+                  group_size: int = 128, fp8_weights: bool = False, gluon_ws: bool = False) -> str:
     """The method for M tokens on a GPU of compute `capability` (None: the CPU interpreter) under torch `torch_ver`.
 
     None         -> "fused" (the interpreter runs every method; this one is the cheapest there)
@@ -190,6 +197,8 @@ def select_method(M: int, capability: tuple[int, int] | None, torch_ver: tuple[i
                  keeps "fp8" where N % 16 != 0, which the library refuses); older torch: as Ada there.
     fp8_weights=True (the caller keeps the weights as the library's FP8 operand, w4a4_gemm(w_fp8=...)): on (9, 0)
                  "blockwise" from STORED_MIN_M on, since no weight unpack is paid per call.
+    gluon_ws=True (the caller found the warp-specialized Gluon kernel usable for these operands): on (9, 0)
+                 "gluon_ws" for GLUON_WS_MIN_M <= M <= GLUON_WS_MAX_M (64-256 tokens), unless fp8_weights applies.
     "gluon" is never picked: it was slower than the method above in 92 of 96 measured cases, and at most 8% faster
                  in the other 4 (results/gemm_h200.json; benchmarks/NOTES.md).
     A pure function (no device query), so that every branch is unit-tested on a CPU.
@@ -199,6 +208,8 @@ def select_method(M: int, capability: tuple[int, int] | None, torch_ver: tuple[i
     if group_size == gemm_blockwise.BLOCK and gemm_blockwise.blockwise_supported(tuple(capability), torch_ver):
         if M >= (STORED_MIN_M if fp8_weights else BLOCKWISE_MIN_M):
             return "blockwise"
+    if tuple(capability) == (9, 0) and gluon_ws and GLUON_WS_MIN_M <= M <= GLUON_WS_MAX_M:
+        return "gluon_ws"
     if tuple(capability) == (9, 0) and FUSED8_MIN_M <= M <= FUSED8_MAX_M:
         return "fused8"
     return "fp8" if M >= FP8_MIN_M else "fused"
@@ -217,9 +228,10 @@ def has_fp8_tensor_cores(device) -> bool:
     return cap is not None and cap >= (8, 9)
 
 
-def choose_method(M: int, device, group_size: int = 128, fp8_weights: bool = False) -> str:
+def choose_method(M: int, device, group_size: int = 128, fp8_weights: bool = False, gluon_ws: bool = False) -> str:
     """select_method for this device and the running torch."""
-    return select_method(M, device_capability(device), gemm_blockwise.torch_version(), group_size, fp8_weights)
+    return select_method(M, device_capability(device), gemm_blockwise.torch_version(), group_size, fp8_weights,
+                         gluon_ws)
 
 
 def _interp_tiles(M: int, N: int):
@@ -291,7 +303,10 @@ def w4a4_gemm(a: PackedAtom, w: PackedAtom, out_dtype: torch.dtype = torch.float
         raise ValueError("w_fp8 must be gemm_blockwise.prepare_fp8(w, 'w') of these weights (N rows).")
     auto = method is None
     if auto:
-        method = choose_method(M, device, a.group_size, fp8_weights=w_fp8 is not None)
+        ws_ok = (GLUON_WS_MIN_M <= M <= GLUON_WS_MAX_M and not interpreting()
+                 and gemm_gluon_ws.supported(device_capability(device), a.group_size, a.keeper, N)
+                 and gemm_gluon_ws.refusal(a, w) is None)
+        method = choose_method(M, device, a.group_size, fp8_weights=w_fp8 is not None, gluon_ws=ws_ok)
         if method == "blockwise" and N % gemm_blockwise.N_ALIGN:  # the library needs N % 16 == 0
             method = "fp8"
     if method not in METHODS:

@@ -393,19 +393,27 @@ def _desc(t: torch.Tensor, block, bits: int, swizzle: bool = True):
     return TensorDescriptor.from_tensor(t, block, layout)
 
 
-def check(a: PackedAtom, w: PackedAtom) -> None:
-    """Raise ValueError where this kernel cannot run (the caller has checked the PackedAtom contract)."""
+def refusal(a: PackedAtom, w: PackedAtom) -> str | None:
+    """Why this kernel cannot run on these operands (None: it can); the caller has checked the PackedAtom contract."""
     if a.group_size not in (64, 128):
-        raise ValueError(f"method='gluon_ws' needs group_size 64 or 128, got {a.group_size}.")
+        return f"method='gluon_ws' needs group_size 64 or 128, got {a.group_size}."
     if a.keeper % 16:
-        raise ValueError(f"method='gluon_ws' needs keeper % 16 == 0 (TMA rows need 16-byte strides), got keeper "
-                         f"{a.keeper}; use method='fused8'.")
+        return (f"method='gluon_ws' needs keeper % 16 == 0 (TMA rows need 16-byte strides), got keeper {a.keeper}; "
+                f"use method='fused8'.")
     if w.rows % 8:
-        raise ValueError(f"method='gluon_ws' needs N % 8 == 0 (TMA), got N = {w.rows}; use method='fused8'.")
+        return f"method='gluon_ws' needs N % 8 == 0 (TMA), got N = {w.rows}; use method='fused8'."
     for name, t in (("w.q4", w.q4), ("w.q8", w.q8), ("a.q8", a.q8)):
         if t.numel() and (t.data_ptr() % 16 or (t.dim() == 2 and t.shape[0] > 1 and t.stride(0) % 16)):
-            raise ValueError(f"method='gluon_ws' needs {name} 16-byte aligned with 16-byte row strides (TMA); "
-                             f"use method='fused8' or a .contiguous() copy.")
+            return (f"method='gluon_ws' needs {name} 16-byte aligned with 16-byte row strides (TMA); "
+                    f"use method='fused8' or a .contiguous() copy.")
+    return None
+
+
+def check(a: PackedAtom, w: PackedAtom) -> None:
+    """Raise ValueError where this kernel cannot run (refusal's reason)."""
+    why = refusal(a, w)
+    if why:
+        raise ValueError(why)
 
 
 def launch(a: PackedAtom, w: PackedAtom, out: torch.Tensor, residual, ncons: int = 2, BY: int = 128,

@@ -117,3 +117,17 @@ def test_gpu_autotuned_method(M):
         G.AUTOTUNE = old
     assert_matches(y, a, w, res)
     assert W.best_config(M, 1024, 4096, 128) in W.CONFIGS
+
+
+def test_dispatch_band():
+    """select_method picks "gluon_ws" on SM90 at 64-256 tokens only where the caller found it usable (gluon_ws=True),
+    and the stored-FP8-weights rule keeps precedence; everything else as before."""
+    new = (2, 11)
+    for M in (G.GLUON_WS_MIN_M, 128, G.GLUON_WS_MAX_M):
+        assert G.select_method(M, (9, 0), new, gluon_ws=True) == "gluon_ws"
+        assert G.select_method(M, (9, 0), new) == ("fused8" if M >= G.FUSED8_MIN_M else "fused")
+        assert G.select_method(M, (9, 0), new, fp8_weights=True, gluon_ws=True) == "blockwise"
+        assert G.select_method(M, (8, 9), new, gluon_ws=True) != "gluon_ws"
+        assert G.select_method(M, None, new, gluon_ws=True) == "fused"
+    assert G.select_method(G.GLUON_WS_MIN_M - 1, (9, 0), new, gluon_ws=True) == "fused"
+    assert G.select_method(G.GLUON_WS_MAX_M + 1, (9, 0), new, gluon_ws=True) == "fp8"
