@@ -162,3 +162,26 @@ def test_fp8_rows_kernel_equals_reference(dtype):
         q_ref, s_ref = quantize_fp8_rows_ref(a)
         assert torch.equal(s, s_ref)
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gluon_ws runs on an SM90 GPU only")
+def test_gluon_ws_scales_are_built_up_front_and_counted_as_weights():
+    # kernels.gemm_gluon_ws caches each weight's transposed scales on its first call: inside the first decode graph
+    # that would be memory outside the plan. The runner builds them first, as buffers model_bytes counts, and the
+    # kernel's cache then hands back exactly those tensors.
+    from atom_lab.config import AtomConfig
+    from atom_lab.kernels import gemm_gluon_ws
+    from atom_lab.qlinear import QuantLinear
+    from atom_lab.serve.model_runner import model_bytes, store_gluon_ws_scales
+
+    lin = torch.nn.Linear(256, 64, bias=False).cuda()
+    cfg = AtomConfig.preset("atom", gptq=False, group_size=128, keeper=128, w_clip=1.0, a_clip=1.0, kv_bits=16)
+    q = QuantLinear.from_linear(lin, cfg, reorder=torch.arange(256, device="cuda"),
+                                inputs=torch.randn(64, 256, device="cuda"), backend="triton")
+    size0 = model_bytes(q)
+    n = store_gluon_ws_scales(torch.nn.Sequential(q))
+    if not gemm_gluon_ws.AVAILABLE:
+        assert n == 0
+        pytest.skip(f"no Gluon here: {gemm_gluon_ws.IMPORT_ERROR}")
+    assert n == 1 and gemm_gluon_ws.weight_scales_t(q.packed) is q.serve_ws_scales_t
+    assert model_bytes(q) == size0 + q.serve_ws_scales_t.numel() * 2

@@ -78,6 +78,26 @@ def store_fp8_weights(model) -> int:
     return n
 
 
+def store_gluon_ws_scales(model) -> int:
+    """Build now, and hold as buffers, the transposed weight scales that kernels.gemm_gluon_ws caches on its first
+    call with each weight (~3 MB per Llama-2-7B layer, ~0.1 GB in all): built lazily inside the first decode graph
+    they would be bytes outside the memory plan. Only where that method can run (SM90, Gluon); returns how many
+    layers."""
+    from atom_lab.kernels import gemm_gluon_ws
+    from atom_lab.kernels.gemm import device_capability
+    from atom_lab.qlinear import QuantLinear
+
+    n = 0
+    for m in model.modules():
+        if not (isinstance(m, QuantLinear) and m.is_packed and m.backend == "triton" and m.packed_s4.is_cuda):
+            continue
+        w = m.packed
+        if gemm_gluon_ws.supported(device_capability(m.packed_s4.device), w.group_size, w.keeper, w.rows):
+            m.register_buffer("serve_ws_scales_t", gemm_gluon_ws.weight_scales_t(w), persistent=False)
+            n += 1
+    return n
+
+
 def model_bytes(model) -> int:
     """Bytes of what the model stores (parameters and buffers, shared tensors once)."""
     seen, total = set(), 0
@@ -134,6 +154,7 @@ class ModelRunner:
             fuse_projections = next(model.parameters()).device.type == "cuda"
         self.fused_groups = stack_projections(model) if fuse_projections else 0  # first: the FP8 copies below
         self.fp8_weight_layers = store_fp8_weights(model) if fp8_weights else 0  # are then of the stacked weights
+        self.gluon_ws_layers = store_gluon_ws_scales(model)  # counted as weights below
         if fp8_weights and not self.fp8_weight_layers:
             raise ValueError("fp8_weights=True needs packed W4A4 layers on the triton backend (atom_lab.quantize_model "
                              "with backend='triton'); this model has none.")
