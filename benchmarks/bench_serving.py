@@ -109,12 +109,14 @@ def _free():
 KV_ROPE = "post"  # main() sets it from --kv-rope
 
 
-def make_engine(model, kv_bits, max_num_seqs, num_pages=None, budget=None, graphs=True, static=True):
+def make_engine(model, kv_bits, max_num_seqs, num_pages=None, budget=None, graphs=True, static=True,
+                graph_prefill=None):
     kv = KVFormat(bits=kv_bits, dtype=next(model.parameters()).dtype, rope=KV_ROPE)
     cuda = torch.cuda.is_available()
     before = torch.cuda.memory_allocated() if cuda else 0
     eng = Engine(model, kv, budget_bytes=budget, num_pages=num_pages, page_size=PAGE, max_num_seqs=max_num_seqs,
-                 max_tokens_per_step=STEP_TOKENS, static_decode=static, cuda_graphs=graphs if cuda else False)
+                 max_tokens_per_step=STEP_TOKENS, static_decode=static, cuda_graphs=graphs if cuda else False,
+                 graph_prefill=graph_prefill)
     eng.bench_before = before  # live bytes before this engine existed (the model's weights, anything left over)
     return eng
 
@@ -265,10 +267,15 @@ def main(argv=None):
                 try:
                     run(make_engine(model, kvb, 4, num_pages=4 * -(-(args.prompt + 2) // PAGE)),
                         [(args.prompt, 2)] * 4, capture_batches=[])
-                    # our kernels autotune per power-of-two token count: a prefill step of every such size once,
-                    # or the lognormal workload's packed prompts (any sum of lengths) tune inside its timed run
-                    for n in ([] if args.quick else [2 ** k for k in range(4, 13) if 2 ** k < STEP_TOKENS]):
-                        run(make_engine(model, kvb, 1, num_pages=-(-(n + 2) // PAGE)), [(n, 1)], capture_batches=[])
+                    # our kernels autotune per power-of-two token count, and Triton compiles a second variant of
+                    # each kernel for a token count that is not a multiple of 16: one eager prefill step of each
+                    # power of two and of one less (graph_prefill off, so that small ones run eagerly too), or
+                    # the lognormal workload's packed prompts (any sum of lengths) compile inside its timed run
+                    # (run 6: its first prefill step took 9.9 s)
+                    for p2 in ([] if args.quick else [2 ** k for k in range(4, 13) if 2 ** k < STEP_TOKENS]):
+                        for n in (p2, p2 - 1):
+                            run(make_engine(model, kvb, 1, num_pages=-(-(n + 2) // PAGE), graph_prefill=False),
+                                [(n, 1)], capture_batches=[])
                 except Exception as e:
                     print(name, "WARMUP ERROR", e, flush=True)
                 warm = True
