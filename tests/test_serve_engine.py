@@ -48,7 +48,7 @@ def test_float_greedy_equals_transformers_generate(tiny, num_pages, graph_prefil
     eng = Engine(model, KVFormat(bits=16, dtype=torch.float32), num_pages=num_pages, page_size=4,
                  kernels="reference", graph_prefill=graph_prefill, max_num_seqs=max_seqs)
     mixed, run = [], eng.runner.run
-    eng.runner.run = lambda batch, pre: (mixed.append(len({len(s) - s.num_cached == 1 for s in batch}) == 2),
+    eng.runner.run = lambda batch, pre: (mixed.append(len({s.num_new == 1 for s in batch}) == 2),
                                          run(batch, pre))[1]
     # different lengths, so that sequences finish at different steps and the waiting ones can join a decode step
     outs = eng.generate(ps, [SamplingParams(max_new_tokens=NEW - i) for i in range(len(ps))])

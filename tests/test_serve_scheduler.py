@@ -102,6 +102,8 @@ def test_tokens_from_is_a_slice_of_tokens():
     s = Sequence([5, 6, 7], SamplingParams(max_new_tokens=4))
     s.output += [8, 9]
     assert [s.tokens_from(i) for i in range(6)] == [s.tokens[i:] for i in range(6)]
+    s.num_cached = 4
+    assert s.num_new == 1
 
 
 def test_mixed_steps_admit_short_prompts_into_decode_steps():

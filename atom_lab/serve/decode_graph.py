@@ -15,7 +15,8 @@ replayed (nano-vllm and vLLM do the same):
 A batch of b < B sequences runs in the smallest bucket B >= b; its padding rows decode token 0 at position 0 into a
 scratch page that no sequence owns, so they can never touch a real sequence's cache. The host side of a step is one
 fill of a pinned int32 array and one copy to the device; the step itself has no .item(), no host-built tensor and no
-allocation outside the graph's private pool. Prefill (many tokens per sequence) stays eager in PagedDecoder.step.
+allocation outside the graph's private pool. A short prefill (or mixed) step runs here too, one row per new token
+(ModelRunner's graph_prefill); longer prefills stay eager in PagedDecoder.step.
 
 On the CPU (tests, notebooks) the same static-buffer forward runs eagerly: it must give the same tokens as
 PagedDecoder.step, which tests/test_serve_graph.py checks; graph replay == eager is checked on a GPU.

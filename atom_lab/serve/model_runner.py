@@ -246,7 +246,7 @@ class ModelRunner:
         """Compute the tokens of each sequence not yet in the cache (the whole prompt, or the newest token) and
         sample the next token of each. The block manager has already given every sequence its pages."""
         if self.static is not None and (not is_prefill or self.graph_prefill):
-            new = [len(s) - s.num_cached for s in batch]
+            new = [s.num_new for s in batch]
             rows = sum(new)
             if (rows <= self.graph_prefill if is_prefill else rows == len(batch)) \
                     and self.static.fits([s.pages for s in batch]):

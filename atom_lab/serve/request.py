@@ -82,6 +82,11 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    @property
+    def num_new(self) -> int:
+        """Tokens whose K/V the next step computes (the prompt, a recompute, or the newest token)."""
+        return len(self) - self.num_cached
+
     def tokens_from(self, start: int) -> list[int]:
         """tokens[start:] without building the whole list (a decode step asks for the last one of ~1,000s)."""
         n = len(self.prompt)

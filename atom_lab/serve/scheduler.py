@@ -36,10 +36,10 @@ class SchedulerConfig:
     mixed_tokens: int = 0
 
     def __post_init__(self):
-        for f in ("max_num_seqs", "max_tokens_per_step", "mixed_tokens"):
+        for f, least in (("max_num_seqs", 1), ("max_tokens_per_step", 1), ("mixed_tokens", 0)):
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (f != "mixed_tokens"):
-                raise ValueError(f"{f}={v!r} must be an int >= {int(f != 'mixed_tokens')}.")
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise ValueError(f"{f}={v!r} must be an int >= {least}.")
 
 
 class Scheduler:
@@ -74,7 +74,7 @@ class Scheduler:
         newest token (a prefill or a mixed step). Empty when nothing is queued."""
         cfg = self.config
         if cfg.mixed_tokens and self.running and self.waiting and len(self.running) < cfg.max_num_seqs \
-                and len(self.running) + self._new(self.waiting[0]) <= cfg.mixed_tokens:
+                and len(self.running) + self.waiting[0].num_new <= cfg.mixed_tokens:
             batch, preempted = self._decode_batch()
             if preempted:  # pages ran out: no admission in this step (it could re-admit what was just preempted)
                 return batch, False
@@ -85,17 +85,13 @@ class Scheduler:
             return batch, True
         return self._decode_batch()[0], False
 
-    @staticmethod
-    def _new(seq: Sequence) -> int:
-        return len(seq) - seq.num_cached
-
     def _admit(self, max_tokens: int) -> list[Sequence]:
         """FCFS admission of waiting requests with at most max_tokens new tokens in all; they join the running."""
         bm, cfg = self.block_manager, self.config
         batch, tokens = [], 0
         while self.waiting and len(self.running) + len(batch) < cfg.max_num_seqs:
             seq = self.waiting[0]
-            new = self._new(seq)
+            new = seq.num_new
             if tokens + new > max_tokens or not bm.can_allocate(seq):
                 break
             bm.allocate(seq)

@@ -246,7 +246,8 @@ def simulate(shape: ModelShape, fmt: Format, gpu: GPU, budget_bytes: float, work
     model; the KV pool gets what the memory plan leaves of budget_bytes (per GPU: weights and KV split tp ways), or
     exactly num_pages pages when given (to mirror an engine run). graph_prefill: as the engine's (ModelRunner): a
     prefill or mixed step of at most this many new tokens costs a decode step of one row per token (its context =
-    the token's position + 1), and the scheduler mixes admissions into decode steps up to it. cost: CostModel fields (rope, kv_efficiency, step_overhead, prefill_overhead)."""
+    the token's position + 1), and the scheduler mixes admissions into decode steps up to it. cost: CostModel
+    fields (rope, kv_efficiency, step_overhead, prefill_overhead)."""
     cost = CostModel(shape, fmt, gpu, tp, **cost)
     p = plan(shape, fmt, budget_bytes * tp, tokens_per_request=1, tokens_per_step=max_tokens_per_step,
              max_batch_rows=max_num_seqs)
@@ -260,7 +261,7 @@ def simulate(shape: ModelShape, fmt: Format, gpu: GPU, budget_bytes: float, work
     dec_breakdown: dict[str, float] = {}
     while not sched.is_finished:
         batch, prefill = sched.schedule()
-        new = [len(s) - s.num_cached for s in batch]
+        new = [s.num_new for s in batch]
         if prefill and sum(new) <= graph_prefill:
             rows = [c for s, n in zip(batch, new) for c in range(len(s) - n + 1, len(s) + 1)]
             t = cost.step(rows, [1] * len(rows), False)
